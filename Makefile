@@ -1,0 +1,27 @@
+# `make fit` and `make test` each create .venv and install segtrain into it when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: fit test install data-samples clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+fit: $(STAMP)
+	$(BIN)/segtrain fit configs/roads.yaml --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+data-samples: $(STAMP)
+	$(BIN)/python scripts/make_data_samples.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+"""segtrain: train U-Net segmentation models on imbalanced, cost-sensitive data."""
+
+__version__ = "0.1.0"
