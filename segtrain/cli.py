@@ -1,0 +1,114 @@
+"""The `segtrain` command line: one function per verb.
+
+Exit codes: 0 success, 2 bad usage, config or data (one message, no traceback),
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="segtrain")
+def cli():
+    """Train U-Net segmentation models on imbalanced, cost-sensitive data from one YAML config."""
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value by dotted path, e.g. --set train.epochs=2 (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<config name>).")
+@click.option("--resume", is_flag=True, help="Continue the run in the run folder from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+def fit(config_path, overrides, out, resume, overwrite):
+    """Train a model from CONFIG and write a run folder."""
+    from segtrain.config import load_config
+    from segtrain.runs import check_run_dir, default_run_dir
+    from segtrain.train import run_fit
+
+    config = load_config(config_path, list(overrides))
+    run_dir = Path(out) if out else default_run_dir(config_path)
+    check_run_dir(run_dir, resume, overwrite)
+    metrics = run_fit(config, run_dir, resume=resume, overwrite=overwrite, config_path=Path(config_path))
+    click.echo(f"Done: {run_dir} (best.keras, last.keras, metrics.json, history.csv). "
+               f"Mean IoU on {config.data.val_split}: {metrics.get('mean_iou', float('nan')):.4f}")
+
+
+@cli.command("eval")
+@click.option("--checkpoint", type=click.Path(), help="Run folder or .keras file (default: newest run under runs/).")
+@click.option("--data", "data_root", type=click.Path(file_okay=False), help="Data set root (default: the run's data.root).")
+@click.option("--split", default="val", show_default=True, help="Split folder to evaluate.")
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: RUN/eval_<split>).")
+@click.option("--decision", type=click.Choice(["argmax", "cost", "threshold"]), help="Decision rule (default: the config's).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Foreground probability threshold (two classes); implies --decision threshold.")
+def eval_command(checkpoint, data_root, split, out, decision, threshold):
+    """Per-class metrics of a trained model on a labelled split."""
+    from segtrain.evaluate import evaluate_checkpoint
+
+    if threshold is not None and decision is None:
+        decision = "threshold"
+    evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--checkpoint", type=click.Path(), help="Run folder or .keras file (default: newest run under runs/).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/predictions).")
+@click.option("--decision", type=click.Choice(["argmax", "cost", "threshold"]), help="Decision rule (default: the config's).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Foreground probability threshold (two classes); implies --decision threshold.")
+@click.option("--tta/--no-tta", default=None, help="Average over flips (default: the config's predict.tta).")
+@click.option("--probabilities", is_flag=True, help="Also write per-class probability maps (PNG, 0..255).")
+@click.option("--overlay", is_flag=True, help="Also write a colour overlay of the mask on the image.")
+def predict(images, checkpoint, out, decision, threshold, tta, probabilities, overlay):
+    """Write one mask per image in IMAGES (files or folders): same stem, same size, training encoding."""
+    from segtrain.evaluate import collect_images, predict_images
+
+    if threshold is not None and decision is None:
+        decision = "threshold"
+    predict_images(collect_images(list(images)), checkpoint, Path(out) if out else None, decision, threshold, tta,
+                   probabilities, overlay)
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value by dotted path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def stats(config_path, overrides, as_json):
+    """Check the data set and print class pixel counts and the weights of every strategy."""
+    from segtrain.class_weights import ClassCounter, format_stats_table, stats_for_all_strategies
+    from segtrain.config import load_config
+    from segtrain.data.discovery import find_pairs
+    from segtrain.data.masks import MaskMapping
+    from segtrain.data.scan import scan_pairs
+
+    config = load_config(config_path, list(overrides))
+    data = config.data
+    pairs = find_pairs(data.root, data.train_split)
+    mapping = MaskMapping(data.mask, data.classes)
+    counter = ClassCounter(len(data.classes))
+    scan_pairs(pairs, mapping, data.max_image_pixels, counter, description=None if as_json else "counting")
+    result = stats_for_all_strategies(counter, data.classes, config.loss["max_weight"])
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{data.root}/{data.train_split}: {len(pairs)} pairs checked; masks read as {mapping.describe()}.")
+        click.echo(format_stats_table(result))
+
+
+def main():
+    """Console-script entry point."""
+    cli(prog_name="segtrain")
+
+
+if __name__ == "__main__":
+    main()

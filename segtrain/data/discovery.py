@@ -1,0 +1,73 @@
+"""Find image/mask pairs in `ROOT/SPLIT/{images,masks}/` by shared file stem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from segtrain.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+MASK_SUFFIXES = {".png", ".tif", ".tiff", ".bmp"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training example on disk."""
+
+    image: Path
+    mask: Path
+
+    @property
+    def stem(self) -> str:
+        return self.image.stem
+
+
+def list_images(folder: Path, suffixes=IMAGE_SUFFIXES, what: str = "image") -> dict[str, Path]:
+    """Files of `folder` by stem; hidden files are skipped, anything else that is not an image is refused."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found. Expected a data set laid out as ROOT/SPLIT/images and ROOT/SPLIT/masks.")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if path.suffix.lower() not in suffixes:
+            raise DataError(
+                f"{path}: not a supported {what} file (expected {', '.join(sorted(suffixes))}). "
+                "Move it out of the data folder."
+            )
+        if path.stem in found:
+            raise DataError(f"{path}: two files share the stem '{path.stem}' ({found[path.stem].name}); keep one.")
+        found[path.stem] = path
+    return found
+
+
+def find_pairs(root: str | Path, split: str) -> list[Pair]:
+    """All pairs of one split, sorted by stem; every image needs a mask and every mask an image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data set folder not found. Set data.root to a folder holding {split}/images and {split}/masks.")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: split folder not found. Create it with images/ and masks/ inside, or choose another split.")
+    images = list_images(split_dir / "images")
+    masks = list_images(split_dir / "masks", MASK_SUFFIXES, "mask")
+    if not images:
+        raise DataError(f"{split_dir / 'images'}: no images found. Put PNG, JPEG or TIFF images there.")
+    lonely_images = sorted(set(images) - set(masks))
+    if lonely_images:
+        raise DataError(
+            f"{images[lonely_images[0]]}: no mask with the same stem in {split_dir / 'masks'}"
+            f"{_more(lonely_images)}. Add the mask (e.g. {lonely_images[0]}.png) or remove the image."
+        )
+    lonely_masks = sorted(set(masks) - set(images))
+    if lonely_masks:
+        raise DataError(
+            f"{masks[lonely_masks[0]]}: no image with the same stem in {split_dir / 'images'}"
+            f"{_more(lonely_masks)}. Add the image or remove the mask."
+        )
+    return [Pair(images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def _more(stems: list[str]) -> str:
+    return f" (and {len(stems) - 1} more)" if len(stems) > 1 else ""

@@ -1,0 +1,163 @@
+"""tf.data pipelines: parallel decode, cache, shuffle, crop and augment image and mask in one call.
+
+Training randomness is stateless and keyed by (seed, element index), and the shuffle
+order is fixed by the seed, so a resumed run that skips the elements it has already
+seen sees exactly the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from segtrain.config import DataConfig
+from segtrain.data.discovery import Pair
+from segtrain.data.images import read_image
+from segtrain.data.masks import MaskMapping
+from segtrain.data.scan import load_mask
+from segtrain.labels import IGNORE_INDEX
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclass
+class DataSpec:
+    """What the pipelines need besides the config."""
+
+    data: DataConfig
+    mapping: MaskMapping
+    channels: int
+    divisor: int
+    seed: int = 0
+
+
+def _decode_fn(spec: DataSpec):
+    def decode(image_path, mask_path):
+        pair = Pair(Path(image_path.decode()), Path(mask_path.decode()))
+        image = read_image(pair.image, spec.channels, spec.data.max_image_pixels)
+        mask = load_mask(pair, spec.mapping, spec.data.max_image_pixels)
+        return image, mask
+
+    def tf_decode(image_path, mask_path):
+        image, mask = tf.numpy_function(decode, [image_path, mask_path], [tf.float32, tf.int32], stateful=False)
+        image.set_shape([None, None, spec.channels])
+        mask.set_shape([None, None])
+        if spec.data.resize is not None:
+            size = spec.data.resize
+            image = tf.image.resize(image, size, method="bilinear")
+            mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
+        return image, mask
+
+    return tf_decode
+
+
+def _file_dataset(pairs: list[Pair]) -> tf.data.Dataset:
+    images = [str(p.image) for p in pairs]
+    masks = [str(p.mask) for p in pairs]
+    return tf.data.Dataset.from_tensor_slices((images, masks))
+
+
+def _pad_to_at_least(image, mask, height, width):
+    """Pad (bottom/right) so both sides reach the crop; padded mask pixels are ignored."""
+    shape = tf.shape(mask)
+    pad_h = tf.maximum(height - shape[0], 0)
+    pad_w = tf.maximum(width - shape[1], 0)
+    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
+    mask = tf.pad(mask, [[0, pad_h], [0, pad_w]], constant_values=IGNORE_INDEX)
+    return image, mask
+
+
+def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool):
+    """Random crop, flips and 90-degree turns of image and mask by one call, from a stateless seed."""
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    if crop is not None:
+        image, mask = _pad_to_at_least(image, mask, crop, crop)
+        shape = tf.shape(mask)
+        top = tf.random.stateless_uniform([], seeds[0], 0, shape[0] - crop + 1, dtype=tf.int32)
+        left = tf.random.stateless_uniform([], seeds[1], 0, shape[1] - crop + 1, dtype=tf.int32)
+        image = image[top : top + crop, left : left + crop]
+        mask = mask[top : top + crop, left : left + crop]
+    stacked = tf.concat([image, tf.cast(mask[..., None], image.dtype)], axis=-1)
+    if flip:
+        stacked = tf.image.stateless_random_flip_left_right(stacked, seeds[2])
+        stacked = tf.image.stateless_random_flip_up_down(stacked, seeds[3])
+    if rotate90 and crop is not None:
+        turns = tf.random.stateless_uniform([], seeds[3] + 1, 0, 4, dtype=tf.int32)
+        stacked = tf.image.rot90(stacked, turns)
+    image = stacked[..., :-1]
+    mask = tf.cast(tf.round(stacked[..., -1]), tf.int32)
+    if crop is not None:
+        image = tf.ensure_shape(image, [crop, crop, None])
+        mask = tf.ensure_shape(mask, [crop, crop])
+    return image, mask
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, configured: Optional[int]) -> int:
+    """Configured steps, or one pass over the training set (the last batch filled from the next pass)."""
+    return configured or max(1, math.ceil(num_examples / batch_size))
+
+
+def training_dataset(pairs: list[Pair], spec: DataSpec, cache_dir: Optional[Path] = None,
+                     start_element: int = 0) -> tf.data.Dataset:
+    """An endless dataset of augmented (image, mask) batches; `start_element` skips what was already seen."""
+    data = spec.data
+    decode = _decode_fn(spec)
+    ds = _file_dataset(pairs)
+    if data.cache == "none":
+        ds = ds.shuffle(len(pairs), seed=spec.seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+        if data.cache == "memory":
+            ds = ds.cache()
+            buffer = len(pairs)
+        else:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            ds = ds.cache(str(cache_dir / "train"))
+            buffer = min(len(pairs), data.shuffle_buffer)
+        ds = ds.shuffle(buffer, seed=spec.seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.enumerate().skip(start_element)
+    crop, flip, rotate90 = data.crop, data.augment.flip, data.augment.rotate90
+    base_seed = tf.constant([spec.seed, 0], dtype=tf.int64)
+
+    def augment_indexed(index, example):
+        image, mask = example
+        seed = base_seed + tf.stack([tf.constant(0, tf.int64), index])
+        return augment(image, mask, seed, crop, flip, rotate90)
+
+    ds = ds.map(augment_indexed, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if crop is None:
+        ds = ds.map(lambda image, mask: _pad_to_multiple(image, mask, spec.divisor), num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(data.batch_size, drop_remainder=True)
+    return ds.prefetch(AUTOTUNE)
+
+
+def _pad_to_multiple(image, mask, divisor: int):
+    shape = tf.shape(mask)
+    height = (shape[0] + divisor - 1) // divisor * divisor
+    width = (shape[1] + divisor - 1) // divisor * divisor
+    return _pad_to_at_least(image, mask, height, width)
+
+
+def evaluation_dataset(pairs: list[Pair], spec: DataSpec, batch_size: int) -> tf.data.Dataset:
+    """Whole images padded to a multiple of 2**depth (padding ignored), in order, cached in memory."""
+    decode = _decode_fn(spec)
+    ds = _file_dataset(pairs).map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda image, mask: _pad_to_multiple(image, mask, spec.divisor), num_parallel_calls=AUTOTUNE)
+    ds = ds.cache()
+    ds = ds.padded_batch(
+        batch_size,
+        padded_shapes=([None, None, spec.channels], [None, None]),
+        padding_values=(0.0, IGNORE_INDEX),
+    )
+    return ds.prefetch(AUTOTUNE)
+
+
+def count_for_checks(ds: tf.data.Dataset, n: int) -> list[np.ndarray]:
+    """Materialise the first n elements (for tests and debugging)."""
+    return [tuple(t.numpy() for t in example) for example in ds.take(n)]

@@ -1,0 +1,1 @@
+"""The training engine: strategy, precision, checkpoints and the training loop."""

@@ -1,0 +1,53 @@
+"""The U-Net: built from Keras's own layers only, so `.keras` files load without segtrain."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+def _conv_block(x, filters: int, batch_norm: bool, name: str):
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=f"{name}_conv{i}")(x)
+        if batch_norm:
+            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+    return x
+
+
+def build_unet(in_channels: int, out_channels: int, depth: int = 4, base_filters: int = 16,
+               batch_norm: bool = True, dropout: float = 0.0) -> keras.Model:
+    """A U-Net taking raw pixel values (0..255) of any size divisible by 2**depth and returning logits.
+
+    Args:
+        in_channels: 1 (grayscale) or 3 (RGB).
+        out_channels: 1 for a binary problem (sigmoid), else the number of classes (softmax).
+        depth: number of 2x down-sampling steps.
+        base_filters: filters at the first level, doubled at each level down.
+        batch_norm: batch normalisation after each convolution.
+        dropout: dropout rate at the bottleneck.
+
+    The last layer computes in float32 so that logits stay float32 under mixed precision.
+    """
+    inputs = keras.Input(shape=(None, None, in_channels), name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    skips = []
+    for level in range(depth):
+        x = _conv_block(x, base_filters * 2**level, batch_norm, f"down{level}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
+    x = _conv_block(x, base_filters * 2**depth, batch_norm, "bottom")
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="bottom_dropout")(x)
+    for level in reversed(range(depth)):
+        filters = base_filters * 2**level
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"up{level}_transpose")(x)
+        x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
+        x = _conv_block(x, filters, batch_norm, f"up{level}")
+    logits = layers.Conv2D(out_channels, 1, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name=f"unet_d{depth}_f{base_filters}")
+
+
+def output_channels(num_classes: int) -> int:
+    """One sigmoid channel for two classes, one softmax channel per class otherwise."""
+    return 1 if num_classes == 2 else num_classes

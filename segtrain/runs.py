@@ -1,0 +1,117 @@
+"""Run folders: where a fit writes, how an existing one is protected, and how eval/predict find one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from segtrain.errors import CheckpointError
+
+RUNS_DIR = Path("runs")
+RUN_INFO = "run.json"
+"""Facts about a run that the config does not hold (input channels, segtrain version)."""
+
+
+def default_run_dir(config_path: str | Path) -> Path:
+    """runs/<config file stem>."""
+    return RUNS_DIR / Path(config_path).stem
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into an existing run folder unless asked to resume or overwrite."""
+    if resume and overwrite:
+        raise CheckpointError("--resume and --overwrite contradict each other; pick one.")
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not (run_dir / "checkpoints").is_dir():
+            raise CheckpointError(f"{run_dir}: no checkpoints to resume from. Run without --resume to start a new run.")
+    elif exists and not overwrite:
+        raise CheckpointError(
+            f"{run_dir}: run folder already exists. Use --resume to continue it, --overwrite to replace it, "
+            "or --out DIR to write elsewhere."
+        )
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create (or, with overwrite, empty) the run folder; call only after every input check passed."""
+    if overwrite and run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    """Write JSON through a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent, prefix=f".{path.stem}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write text through a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> None:
+    """Save a .keras file through a temporary file, so a kill mid-write leaves the previous one usable."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent, prefix=f".{path.stem}.")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def newest_run_dir() -> Path:
+    """The most recently modified run folder under runs/ that holds a model."""
+    candidates = [p for p in RUNS_DIR.glob("*") if (p / "best.keras").is_file() or (p / "last.keras").is_file()]
+    if not candidates:
+        raise CheckpointError(f"no trained run found under {RUNS_DIR}/. Train one with `segtrain fit CONFIG` or pass --checkpoint.")
+    return max(candidates, key=lambda p: max((p / n).stat().st_mtime for n in ("best.keras", "last.keras") if (p / n).exists()))
+
+
+def resolve_checkpoint(checkpoint: str | Path | None) -> tuple[Path, Path]:
+    """(model file, run folder) from a run folder or a .keras file; the run folder holds config.yaml."""
+    if checkpoint is None:
+        run_dir = newest_run_dir()
+        model_path = run_dir / "best.keras" if (run_dir / "best.keras").exists() else run_dir / "last.keras"
+        return model_path, run_dir
+    path = Path(checkpoint)
+    if path.is_dir():
+        for name in ("best.keras", "last.keras"):
+            if (path / name).is_file():
+                return path / name, path
+        raise CheckpointError(f"{path}: no best.keras or last.keras in this folder. Is it a finished run folder?")
+    if path.is_file():
+        if path.suffix != ".keras":
+            raise CheckpointError(f"{path}: expected a run folder or a .keras model file.")
+        return path, path.parent
+    raise CheckpointError(f"{path}: checkpoint not found. Pass a run folder (e.g. runs/roads) or a .keras file.")
+
+
+def load_model(path: Path) -> keras.Model:
+    """Load a .keras model with Keras's safe mode on (no arbitrary code)."""
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises several types for a bad file
+        raise CheckpointError(f"{path}: cannot load the model ({type(exc).__name__}: {exc}).") from None
+
+
+def read_run_info(run_dir: Path) -> dict:
+    path = run_dir / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,121 @@
+import pytest
+import yaml
+
+from segtrain.config import Config, apply_override, config_from_dict, load_config
+from segtrain.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_fill_every_section(tmp_path):
+    config = load_config(write(tmp_path, f"data: {{root: {tmp_path}}}\n"))
+    assert isinstance(config, Config)
+    assert config.model.depth == 4 and config.data.batch_size == 8 and config.train.precision == "auto"
+    assert config.loss["terms"][0]["name"] == "cross_entropy"
+
+
+def test_unknown_key_names_path_and_closest(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"data: {{root: {tmp_path}}}\ntrain: {{epohcs: 3}}\n"))
+    assert "train.epohcs" in info.value.message and "epochs" in info.value.message
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="modle.*model"):
+        load_config(write(tmp_path, f"data: {{root: {tmp_path}}}\nmodle: {{depth: 3}}\n"))
+
+
+def test_wrong_type_names_key_and_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected int"):
+        load_config(write(tmp_path, f"data: {{root: {tmp_path}}}\ntrain: {{epochs: many}}\n"))
+
+
+def test_literal_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="mixed_float16"):
+        load_config(write(tmp_path, f"data: {{root: {tmp_path}}}\ntrain: {{precision: mixed_flaot16}}\n"))
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "data:\n  root: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in info.value.message and "line" in info.value.message
+
+
+def test_yaml_is_read_safely(tmp_path):
+    path = write(tmp_path, "data: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(path)
+
+
+def test_set_overrides_are_typed(tmp_path):
+    path = write(tmp_path, f"data: {{root: {tmp_path}}}\n")
+    config = load_config(path, ["train.epochs=2", "train.learning_rate=1e-4", "data.crop=null",
+                                "loss.class_weights=balanced"])
+    assert config.train.epochs == 2 and config.train.learning_rate == pytest.approx(1e-4)
+    assert config.data.crop is None
+    assert config.loss["class_weights"] == "balanced"
+
+
+def test_set_on_short_form_loss(tmp_path):
+    raw = {"loss": "jaccard"}
+    apply_override(raw, "loss.class_weights=balanced")
+    assert raw["loss"] == {"terms": [{"name": "jaccard"}], "class_weights": "balanced"}
+
+
+def test_set_without_equals_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(write(tmp_path, f"data: {{root: {tmp_path}}}\n"), ["train.epochs"])
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        ({"data": {"crop": 100}}, "data.crop"),
+        ({"data": {"classes": ["only"]}}, "data.classes"),
+        ({"data": {"mask": {"threshold": 127, "values": {0: 0}}}}, "data.mask"),
+        ({"data": {"mask": {"values": {0: 5}}}}, "data.mask.values.0"),
+        ({"data": {"mask": {"palette": {"bg": [0, 0, 0]}}}}, "data.mask.palette"),
+        ({"model": {"depth": 0}}, "model.depth"),
+        ({"train": {"learning_rate": -1}}, "train.learning_rate"),
+        ({"data": {"batch_size": 0}}, "data.batch_size"),
+        ({"predict": {"threshold": 1.5}}, "predict.threshold"),
+    ],
+)
+def test_semantic_errors_name_the_key(section, key):
+    raw = {"data": {"root": "x"}}
+    for name, values in section.items():
+        raw.setdefault(name, {}).update(values)
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert key in info.value.message
+
+
+def test_relative_root_resolves_beside_config(tmp_path):
+    (tmp_path / "sets" / "a").mkdir(parents=True)
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "c.yaml"
+    path.write_text("data: {root: ../sets/a}\n")
+    assert load_config(path).data.root == str(tmp_path / "cfg" / "../sets/a")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from segtrain.config import save_config
+
+    config = load_config(write(tmp_path, f"data: {{root: {tmp_path}}}\nloss: jaccard\n"))
+    save_config(config, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again.to_dict() == config.to_dict()
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["loss"]["terms"][0]["name"] == "jaccard"
+
+
+def test_shipped_configs_load():
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.data.classes, path

@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from segtrain.config import DataConfig, MaskConfig
+from segtrain.data.discovery import find_pairs
+from segtrain.data.images import read_image, read_raw_mask
+from segtrain.data.masks import MaskMapping
+from segtrain.data.scan import load_mask
+from segtrain.errors import DataError
+from segtrain.labels import IGNORE_INDEX
+from tests.conftest import SHARED_DATASETS, write_pair
+
+
+def test_pairs_by_stem_across_formats(tmp_path):
+    image = np.zeros((8, 8, 3), np.uint8)
+    write_pair(tmp_path, "train", "b", image, np.zeros((8, 8), np.uint8), ".jpg")
+    write_pair(tmp_path, "train", "a", image, np.zeros((8, 8), np.uint8))
+    pairs = find_pairs(tmp_path, "train")
+    assert [p.stem for p in pairs] == ["a", "b"]
+    assert pairs[1].image.suffix == ".jpg" and pairs[1].mask.suffix == ".png"
+
+
+def test_missing_mask_names_the_image(tmp_path):
+    write_pair(tmp_path, "train", "a", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "images" / "lonely.png")
+    with pytest.raises(DataError, match="lonely.png.*no mask"):
+        find_pairs(tmp_path, "train")
+
+
+def test_missing_image_names_the_mask(tmp_path):
+    write_pair(tmp_path, "train", "a", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "masks" / "orphan.png")
+    with pytest.raises(DataError, match="orphan.png.*no image"):
+        find_pairs(tmp_path, "train")
+
+
+def test_non_image_file_is_refused_hidden_file_skipped(tmp_path):
+    write_pair(tmp_path, "train", "a", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+    (tmp_path / "train" / "images" / ".DS_Store").write_text("x")
+    assert len(find_pairs(tmp_path, "train")) == 1
+    (tmp_path / "train" / "images" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="notes.txt"):
+        find_pairs(tmp_path, "train")
+
+
+@pytest.mark.parametrize("layout", ["no_root", "no_split", "empty"])
+def test_missing_or_empty_folders(tmp_path, layout):
+    root = tmp_path / "set"
+    if layout != "no_root":
+        root.mkdir()
+    if layout == "empty":
+        (root / "train" / "images").mkdir(parents=True)
+        (root / "train" / "masks").mkdir(parents=True)
+    with pytest.raises(DataError) as info:
+        find_pairs(root, "train")
+    assert str(root) in info.value.message
+
+
+def test_corrupt_image_is_a_data_error(tmp_path):
+    path = tmp_path / "bad.png"
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(good)
+    path.write_bytes(good.read_bytes()[:40])  # truncated
+    with pytest.raises(DataError, match="bad.png"):
+        read_image(path, 1)
+
+
+def test_decompression_bomb_guard(tmp_path):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(path)
+    with pytest.raises(DataError, match="max_image_pixels"):
+        read_image(path, 1, max_pixels=1000)
+
+
+def test_value_map_threshold_identity_and_ignore():
+    raw = np.array([[0, 255, 128], [127, 0, 255]], np.uint8)
+    inverted = MaskMapping(MaskConfig(values={0: 1, 255: 0}, ignore=[128, 127]), ["cell", "membrane"])
+    assert inverted.to_classes(raw).tolist() == [[1, 0, IGNORE_INDEX], [IGNORE_INDEX, 1, 0]]
+    threshold = MaskMapping(MaskConfig(threshold=127), ["bg", "road"])
+    assert threshold.to_classes(raw).tolist() == [[0, 1, 1], [0, 0, 1]]
+    identity = MaskMapping(MaskConfig(ignore=[255]), ["a", "b", "c"])
+    assert identity.to_classes(np.array([[0, 1, 2, 255]], np.uint8)).tolist() == [[0, 1, 2, IGNORE_INDEX]]
+
+
+def test_unmapped_values_name_file_and_values():
+    mapping = MaskMapping(MaskConfig(values={0: 0, 255: 1}), ["bg", "fg"])
+    with pytest.raises(DataError, match=r"m\.png: mask values 7, 9 are not covered"):
+        mapping.to_classes(np.array([[0, 7, 9]], np.uint8), "m.png")
+
+
+def test_palette_round_trip_and_unknown_colour():
+    mapping = MaskMapping(MaskConfig(palette={"bg": [0, 0, 0], "car": [255, 0, 0]}, ignore=[[9, 9, 9]]), ["bg", "car"])
+    raw = np.array([[[0, 0, 0], [255, 0, 0], [9, 9, 9]]], np.uint8)
+    classes = mapping.to_classes(raw)
+    assert classes.tolist() == [[0, 1, IGNORE_INDEX]]
+    assert mapping.encode(np.array([[0, 1]])).tolist() == [[[0, 0, 0], [255, 0, 0]]]
+    with pytest.raises(DataError, match=r"colour \(1, 2, 3\)"):
+        mapping.to_classes(np.array([[[1, 2, 3]]], np.uint8), "p.png")
+
+
+def test_encode_inverts_the_value_map():
+    mapping = MaskMapping(MaskConfig(values={0: 1, 255: 0}), ["cell", "membrane"])
+    assert mapping.encode(np.array([[0, 1]])).tolist() == [[255, 0]]
+    assert MaskMapping(MaskConfig(threshold=127), ["a", "b"]).encode(np.array([[0, 1]])).tolist() == [[0, 255]]
+
+
+def test_rgb_mask_without_palette(tmp_path):
+    path = tmp_path / "m.png"
+    Image.fromarray(np.array([[[255, 0, 0], [0, 0, 0]]], np.uint8)).save(path)
+    with pytest.raises(DataError, match="palette"):
+        read_raw_mask(path, rgb=False)
+    gray = tmp_path / "g.png"
+    Image.fromarray(np.array([[[7, 7, 7], [0, 0, 0]]], np.uint8)).save(gray)
+    assert read_raw_mask(gray, rgb=False).tolist() == [[7, 0]]
+
+
+def test_size_mismatch_names_the_mask(tmp_path):
+    write_pair(tmp_path, "train", "a", np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.uint8))
+    pair = find_pairs(tmp_path, "train")[0]
+    with pytest.raises(DataError, match="a.png: mask is 9x8 but its image"):
+        load_mask(pair, MaskMapping(MaskConfig(), ["a", "b"]), 10**8)
+
+
+@pytest.mark.skipif(not (SHARED_DATASETS / "membrane").is_dir(), reason="shared data sets not present")
+def test_membrane_mapping_makes_membrane_the_minority():
+    from segtrain.config import load_config
+    from tests.conftest import REPO
+
+    config = load_config(REPO / "configs" / "membrane.yaml")
+    mapping = MaskMapping(config.data.mask, config.data.classes)
+    pairs = find_pairs(config.data.root, "train")[:6]
+    masks = [load_mask(p, mapping, 10**8) for p in pairs]
+    fraction = np.mean([np.mean(m == config.data.classes.index("membrane")) for m in masks])
+    assert 0.15 < fraction < 0.30  # about 22% of pixels are membrane

@@ -1,0 +1,71 @@
+import numpy as np
+import tensorflow as tf
+
+from segtrain.config import AugmentConfig, DataConfig, MaskConfig
+from segtrain.data.discovery import find_pairs
+from segtrain.data.masks import MaskMapping
+from segtrain.data.pipeline import DataSpec, augment, evaluation_dataset, steps_per_epoch, training_dataset
+from segtrain.labels import IGNORE_INDEX
+
+
+def spec_for(root, **data_kwargs):
+    data = DataConfig(root=str(root), classes=["bg", "stripe"], mask=MaskConfig(threshold=127), **data_kwargs)
+    return DataSpec(data, MaskMapping(data.mask, data.classes), channels=3, divisor=8, seed=3)
+
+
+def test_training_batches_shapes_and_labels(stripes):
+    spec = spec_for(stripes, crop=16, batch_size=4)
+    batch = next(iter(training_dataset(find_pairs(stripes, "train"), spec)))
+    images, masks = batch
+    assert images.shape == (4, 16, 16, 3) and images.dtype == tf.float32
+    assert masks.shape == (4, 16, 16) and set(np.unique(masks.numpy())) <= {0, 1}
+    # bright pixels are stripes: the image and the mask were cropped and flipped together
+    bright = images.numpy().mean(axis=-1) > 120
+    assert np.array_equal(bright, masks.numpy() == 1)
+
+
+def test_same_seed_same_batches_and_resume_skips_exactly(stripes):
+    spec = spec_for(stripes, crop=16, batch_size=2)
+    pairs = find_pairs(stripes, "train")
+    full = [b[1].numpy() for b in training_dataset(pairs, spec).take(5)]
+    again = [b[1].numpy() for b in training_dataset(pairs, spec).take(5)]
+    resumed = [b[1].numpy() for b in training_dataset(pairs, spec, start_element=3 * 2).take(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(full, again))
+    assert np.array_equal(resumed[0], full[3]) and np.array_equal(resumed[1], full[4])
+
+
+def test_streaming_without_cache(stripes):
+    spec = spec_for(stripes, crop=16, batch_size=3, cache="none")
+    images, masks = next(iter(training_dataset(find_pairs(stripes, "train"), spec)))
+    assert images.shape == (3, 16, 16, 3)
+
+
+def test_augment_moves_image_and_mask_together():
+    image = tf.reshape(tf.range(16 * 16, dtype=tf.float32), [16, 16, 1])
+    mask = tf.reshape(tf.range(16 * 16, dtype=tf.int32), [16, 16])
+    for i in range(8):
+        out_image, out_mask = augment(image, mask, tf.constant([1, i], tf.int64), 8, True, True)
+        assert np.array_equal(out_image.numpy()[..., 0].astype(np.int32), out_mask.numpy())
+
+
+def test_crop_larger_than_image_pads_with_ignore():
+    image = tf.ones([4, 4, 1])
+    mask = tf.zeros([4, 4], tf.int32)
+    _, out_mask = augment(image, mask, tf.constant([0, 0], tf.int64), 8, False, False)
+    assert (out_mask.numpy() == IGNORE_INDEX).sum() == 64 - 16
+
+
+def test_evaluation_dataset_pads_to_divisor_with_ignore(tmp_path):
+    from tests.conftest import write_pair
+
+    write_pair(tmp_path, "val", "a", np.zeros((10, 13, 3), np.uint8), np.full((10, 13), 255, np.uint8))
+    spec = spec_for(tmp_path)
+    images, masks = next(iter(evaluation_dataset(find_pairs(tmp_path, "val"), spec, 2)))
+    assert images.shape == (1, 16, 16, 3)
+    assert (masks.numpy() == 1).sum() == 130 and (masks.numpy() == IGNORE_INDEX).sum() == 256 - 130
+
+
+def test_steps_per_epoch():
+    assert steps_per_epoch(10, 4, None) == 3
+    assert steps_per_epoch(10, 4, 7) == 7
+    assert steps_per_epoch(2, 4, None) == 1
