@@ -107,9 +107,9 @@ def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix) -> None:
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), metrics["classes"], out_dir / "confusion_matrix.png")
     if histogram is not None:
         curve = pr_curve(histogram)
-        marks = {"best F1": best_f1_threshold(histogram)}
+        marks = {"best F1": best_f1_threshold(histogram)[0]}
         if cost_matrix is not None:
-            marks["least cost"] = least_cost_threshold(histogram, float(cost_matrix[0, 1]), float(cost_matrix[1, 0]))
+            marks["least cost"] = least_cost_threshold(histogram, float(cost_matrix[0, 1]), float(cost_matrix[1, 0]))[0]
         metrics["thresholds"] = {name: float(t) for name, t in marks.items()}
         plot_pr_curve(curve, out_dir / "pr_curve.png", marks)
 
@@ -218,7 +218,7 @@ def _overlay(image: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndar
 def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], split: str, out_dir: Optional[Path],
                         decision: Optional[str], threshold: Optional[float], log=click.echo) -> dict:
     """`segtrain eval`: metrics of a run's model on a labelled split."""
-    from segtrain.runs import write_json_atomic
+    from segtrain.reports import write_metrics_json
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
     config = run_config(run_dir)
@@ -230,6 +230,6 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
     metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, decision, threshold, log=log)
     metrics["split"] = split
     metrics["data_root"] = str(config.data.root)
-    write_json_atomic(metrics, out_dir / "metrics.json")
+    write_metrics_json(metrics, out_dir / "metrics.json")
     log(f"Wrote {out_dir / 'metrics.json'}, per_class.csv and plots.")
     return metrics

@@ -295,7 +295,9 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
         final_metrics = evaluate_run(run_dir / "best.keras", config, prepared.val_pairs, prepared.mapping,
                                      run_dir, log=log)
         final_metrics["best_epoch"] = best_epoch
-        write_json_atomic(final_metrics, run_dir / "metrics.json")
+        from segtrain.reports import write_metrics_json
+
+        write_metrics_json(final_metrics, run_dir / "metrics.json")
     return final_metrics
 
 

@@ -1,0 +1,224 @@
+"""Tiled prediction: class probabilities for one image of any size.
+
+An image no larger than one tile goes through the model in one pass (reflect-padded
+to a multiple of `divisor`, then cropped back). A larger image is cut into
+overlapping tiles of one fixed shape (the last tile of each row and column aligned to
+the border), the tiles go through the model in fixed-size batches (one trace of the
+compiled call), and their *probabilities* are blended with a smooth window:
+
+Formula:
+    P(x) = sum_t w(x - o_t) * p_t(x - o_t) / sum_t w(x - o_t)
+
+where `o_t` is the offset of tile t, `p_t` its probabilities and `w` the window
+(`make_window`), which is small near tile borders where a U-Net sees padding instead
+of context.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+WINDOW_FLOOR = 1e-3
+"""Smallest window weight: pixels seen only by a tile border (image borders) still count."""
+
+WINDOWS = ("cosine", "gaussian")
+
+
+def tile_positions(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles covering `[0, length)`: every `stride`, the last one at `length - tile`.
+
+    Args:
+        length: size of the axis to cover.
+        tile: tile size along that axis.
+        stride: step between consecutive tiles (1 <= stride <= tile, so tiles leave no gap).
+
+    Returns:
+        Sorted distinct offsets; `[0]` when `length <= tile`.
+
+    Example: `tile_positions(200, 64, 48)` -> `[0, 48, 96, 136]`.
+    """
+    if tile < 1 or not 1 <= stride <= tile:
+        raise ValueError(f"need tile >= 1 and 1 <= stride <= tile, got tile={tile}, stride={stride}")
+    if length <= tile:
+        return [0]
+    last = length - tile
+    return list(range(0, last, stride)) + [last]
+
+
+def make_window(tile, kind: str = "cosine") -> np.ndarray:
+    """Blending window of shape (th, tw), float32, maximum 1, minimum `WINDOW_FLOOR`.
+
+    Formula:
+        cosine:   w(n) = sin^2(pi * (n + 0.5) / N)       (Hann sampled at pixel centres)
+        gaussian: w(n) = exp(-(n - (N - 1) / 2)^2 / (2 * sigma^2)), sigma = N / 8 (nnU-Net)
+        2-D:      W = max(w_rows (outer) w_cols / max, WINDOW_FLOOR)
+
+    Args:
+        tile: tile size, an int or a (height, width) pair.
+        kind: "cosine" or "gaussian".
+    """
+    th, tw = (tile, tile) if np.isscalar(tile) else tuple(tile)
+
+    def one_axis(n: int) -> np.ndarray:
+        i = np.arange(n, dtype=np.float64)
+        if kind == "cosine":
+            return np.sin(np.pi * (i + 0.5) / n) ** 2
+        if kind == "gaussian":
+            sigma = n / 8.0
+            return np.exp(-((i - (n - 1) / 2.0) ** 2) / (2.0 * sigma**2))
+        raise ValueError(f"unknown window {kind!r}; choose one of {', '.join(WINDOWS)}")
+
+    w = np.outer(one_axis(int(th)), one_axis(int(tw)))
+    return np.maximum(w / w.max(), WINDOW_FLOOR).astype(np.float32)
+
+
+_FN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _probability_fn(model):
+    """A tf.function mapping a batch (B, h, w, Cin) to probabilities (B, h, w, K), cached per model.
+
+    The function holds the model through a weak reference, so the cache does not keep it
+    alive. It traces once per (batch shape, flips) combination.
+    """
+    try:
+        return _FN_CACHE[model]
+    except (KeyError, TypeError):
+        pass
+    try:
+        ref = weakref.ref(model)
+        get_model = ref
+    except TypeError:  # not weak-referenceable: hold it directly, skip the cache
+        get_model = lambda: model  # noqa: E731
+
+    @tf.function
+    def fn(x, hflip=False, vflip=False):
+        if hflip:
+            x = tf.reverse(x, axis=[2])
+        if vflip:
+            x = tf.reverse(x, axis=[1])
+        logits = tf.cast(get_model()(x, training=False), tf.float32)
+        if logits.shape[-1] == 1:
+            p = tf.sigmoid(logits)
+            probs = tf.concat([1.0 - p, p], axis=-1)
+        else:
+            probs = tf.nn.softmax(logits, axis=-1)
+        if hflip:
+            probs = tf.reverse(probs, axis=[2])
+        if vflip:
+            probs = tf.reverse(probs, axis=[1])
+        return probs
+
+    try:
+        _FN_CACHE[model] = fn
+    except TypeError:
+        pass
+    return fn
+
+
+def _predict_batch(fn, x, tta: bool) -> np.ndarray:
+    """Probabilities of one batch; with `tta` the mean over identity, horizontal and vertical flips."""
+    if not tta:
+        return fn(x).numpy()
+    total = fn(x).numpy()
+    total += fn(x, hflip=True).numpy()
+    total += fn(x, vflip=True).numpy()
+    return total / 3.0
+
+
+def _round_up(n: int, divisor: int) -> int:
+    return int(math.ceil(n / divisor) * divisor)
+
+
+def predict_probabilities(
+    model,
+    image,
+    tile_size: int,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    window: str = "cosine",
+    tta: bool = False,
+    divisor: int = 16,
+    progress: bool = False,
+) -> np.ndarray:
+    """Class probabilities (H, W, K) float32 for one image, by overlapping tiles when it is large.
+
+    Args:
+        model: Keras model (or callable `model(x, training=False)`) mapping (B, h, w, Cin) to
+            logits (B, h, w, C); C == 1 is binary (sigmoid, K = 2 channels [1 - p, p]),
+            C >= 2 softmax (K = C).
+        image: (H, W, Cin) array (or (H, W) for one channel), already normalised for the model.
+        tile_size: tile side in pixels, a multiple of `divisor`.
+        overlap: fraction of a tile shared by neighbouring tiles, in [0, 1); stride is
+            `round(tile_size * (1 - overlap))`. Default 0.25.
+        batch_size: tiles per model call; the last batch is padded so every call has one shape.
+        window: blending window, "cosine" (default) or "gaussian"; see `make_window`.
+        tta: average over identity, horizontal and vertical flips (3x the model calls).
+        divisor: the model's size multiple (2**depth for a U-Net); smaller sides are
+            reflect-padded to it and cropped back.
+        progress: show a tqdm bar over tiles.
+
+    Returns:
+        (H, W, K) float32 probabilities summing to 1 over the last axis.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"image must be (H, W, C) or (H, W), got shape {image.shape}")
+    if divisor < 1 or tile_size < divisor or tile_size % divisor:
+        raise ValueError(f"tile_size ({tile_size}) must be a positive multiple of divisor ({divisor})")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if window not in WINDOWS:
+        raise ValueError(f"unknown window {window!r}; choose one of {', '.join(WINDOWS)}")
+
+    height, width = image.shape[:2]
+    fn = _probability_fn(model)
+    # A side shorter than a tile is padded to the divisor only; the tile then spans it whole.
+    ph = height if height > tile_size else _round_up(height, divisor)
+    pw = width if width > tile_size else _round_up(width, divisor)
+    if (ph, pw) != (height, width):
+        image = np.pad(image, ((0, ph - height), (0, pw - width), (0, 0)), mode="reflect")
+
+    if ph <= tile_size and pw <= tile_size:  # one tile: one exact forward pass
+        probs = _predict_batch(fn, image[None], tta)[0]
+        return np.ascontiguousarray(probs[:height, :width], dtype=np.float32)
+
+    th, tw = min(tile_size, ph), min(tile_size, pw)
+    stride = max(1, int(round(tile_size * (1.0 - overlap))))
+    coords = [
+        (y, x)
+        for y in tile_positions(ph, th, min(stride, th))
+        for x in tile_positions(pw, tw, min(stride, tw))
+    ]
+    win = make_window((th, tw), window)
+    win3 = win[..., None]
+    acc = None
+    weight = np.zeros((ph, pw), dtype=np.float32)
+    batch = np.zeros((batch_size, th, tw, image.shape[2]), dtype=np.float32)
+
+    with tqdm(total=len(coords), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
+        for start in range(0, len(coords), batch_size):
+            chunk = coords[start : start + batch_size]
+            for i, (y, x) in enumerate(chunk):
+                batch[i] = image[y : y + th, x : x + tw]
+            # Unused slots keep the previous tiles: same shape every call, results discarded.
+            probs = _predict_batch(fn, batch, tta)
+            if acc is None:
+                acc = np.zeros((ph, pw, probs.shape[-1]), dtype=np.float32)
+            for i, (y, x) in enumerate(chunk):
+                acc[y : y + th, x : x + tw] += probs[i] * win3
+                weight[y : y + th, x : x + tw] += win
+            bar.update(len(chunk))
+
+    acc = acc[:height, :width]
+    acc /= weight[:height, :width, None]
+    return np.ascontiguousarray(acc)

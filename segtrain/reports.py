@@ -1,0 +1,276 @@
+"""Report writers: the metrics table, JSON/CSV files and PNG plots of a run.
+
+Every file is written atomically (a temporary file in the same folder, then
+`os.replace`), so a killed run never leaves a half-written report. Matplotlib is
+imported lazily inside the plot functions (importing segtrain stays fast) and used
+through its object-oriented `Figure` API with the Agg canvas: no display needed, no
+global pyplot state, and no backend switch for a user who has pyplot open.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+
+CSV_COLUMNS = ("class", "iou", "dice", "precision", "recall", "support")
+
+
+# --------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------
+
+
+def _atomic_write(path, write, mode="w"):
+    """Calls `write(file)` on a temporary file next to `path`, then renames it onto `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _save_figure(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")
+
+
+def _new_figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Text, JSON, CSV
+# --------------------------------------------------------------------------------------
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_metrics_table(metrics):
+    """An aligned per-class table followed by the overall metrics.
+
+    Absent classes (in neither truth nor prediction) show "absent" in the IoU column
+    and "-" elsewhere; any other undefined value (e.g. precision of a class never
+    predicted) shows "-". Ratios have four decimals.
+
+    Args:
+        metrics: the dict from `segtrain.metrics.metrics_from_confusion`.
+
+    Returns:
+        The table as a string (no trailing newline).
+    """
+    header = ("Class", "IoU", "Dice", "Precision", "Recall", "Support")
+    rows = []
+    for name, m in metrics["per_class"].items():
+        if not m["present"]:
+            rows.append((name, "absent", "-", "-", "-", str(m["support"])))
+        else:
+            rows.append((name, _fmt(m["iou"]), _fmt(m["dice"]), _fmt(m["precision"]),
+                         _fmt(m["recall"]), str(m["support"])))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join([header[0].ljust(widths[0])] + [h.rjust(w) for h, w in zip(header[1:], widths[1:])])]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
+    lines.append("")
+    overall = [("Mean IoU", metrics.get("mean_iou")), ("Pixel accuracy", metrics.get("pixel_accuracy")),
+               ("Frequency-weighted IoU", metrics.get("frequency_weighted_iou"))]
+    if "expected_cost" in metrics:
+        overall.append(("Expected cost per pixel", metrics["expected_cost"]))
+    label_width = max(len(label) for label, _ in overall) + 1
+    for label, value in overall:
+        lines.append(f"{(label + ':').ljust(label_width)} {_fmt(value)}")
+    if "num_pixels" in metrics:
+        lines.append(f"{'Pixels:'.ljust(label_width)} {metrics['num_pixels']}")
+    return "\n".join(lines)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return [_json_default(x) if isinstance(x, np.generic) else x for x in obj.tolist()]
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def write_metrics_json(metrics, path):
+    """Writes `metrics` as indented JSON, atomically. None, NaN and Inf become null."""
+    text = json.dumps(_nan_to_none(json.loads(json.dumps(metrics, default=_json_default))),
+                      indent=2, allow_nan=False)
+    _atomic_write(path, lambda f: f.write(text + "\n"))
+
+
+def write_per_class_csv(metrics, path):
+    """Writes `class,iou,dice,precision,recall,support`, one row per class, atomically.
+
+    Undefined values (None) are empty cells; floats are written with full precision.
+    """
+
+    def write(f):
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(CSV_COLUMNS)
+        for name, m in metrics["per_class"].items():
+            w.writerow([name] + ["" if m[k] is None else repr(float(m[k])) for k in CSV_COLUMNS[1:5]]
+                       + [int(m["support"])])
+
+    _atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------
+
+
+def plot_confusion_matrix(cm, class_names, path):
+    """Row-normalised confusion-matrix heat map (rows true, columns predicted) as a PNG.
+
+    Each cell shows the fraction of the true class's pixels (and the count when there
+    are at most 10 classes); rows of classes absent from the truth stay empty.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    k = len(class_names)
+    if cm.shape != (k, k):
+        raise ValueError(f"confusion matrix has shape {cm.shape}, expected ({k}, {k})")
+    rows = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(rows > 0, cm / rows, np.nan)
+    size = max(4.0, 0.8 * k + 2.5)
+    fig = _new_figure((size + 1.0, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(norm), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true pixels")
+    ax.set_xticks(range(k), labels=class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels=class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("Confusion matrix (row-normalised)")
+    fontsize = 9 if k <= 10 else 7
+    for i in range(k):
+        for j in range(k):
+            if np.isnan(norm[i, j]):
+                continue
+            text = f"{norm[i, j]:.2f}" + (f"\n({int(cm[i, j])})" if k <= 10 else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    _save_figure(fig, path)
+
+
+def plot_pr_curve(curve, path, marks=None):
+    """Precision-recall curve as a PNG, with chosen thresholds marked.
+
+    Args:
+        curve: dict from `segtrain.metrics.pr_curve` ("thresholds", "precision", "recall").
+        path: output PNG.
+        marks: optional {label: threshold}; each is drawn at the curve's nearest threshold.
+    """
+    thresholds = np.asarray(curve["thresholds"], dtype=np.float64)
+    precision = np.asarray(curve["precision"], dtype=np.float64)
+    recall = np.asarray(curve["recall"], dtype=np.float64)
+    fig = _new_figure((6.0, 5.0))
+    ax = fig.add_subplot()
+    ok = ~(np.isnan(precision) | np.isnan(recall))
+    ax.plot(recall[ok], precision[ok], color="tab:blue", lw=2, label="PR curve")
+    markers = "osD^v<>p*h"
+    for n, (label, t) in enumerate((marks or {}).items()):
+        i = int(np.argmin(np.abs(thresholds - float(t))))
+        if ok[i]:
+            ax.plot(recall[i], precision[i], markers[n % len(markers)], ms=9,
+                    label=f"{label} (t={thresholds[i]:.3f})")
+    ax.set_xlim(0.0, 1.02)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall (foreground)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    _save_figure(fig, path)
+
+
+_NOT_PLOTTED = {"epoch", "step", "steps", "lr", "learning_rate", "time", "seconds", "epoch_time", "wall_time"}
+
+
+def _read_history(history):
+    if isinstance(history, (str, os.PathLike)):
+        with open(history, newline="", encoding="utf-8") as f:
+            history = list(csv.DictReader(f))
+    columns = {}
+    for row in history:
+        for key, value in row.items():
+            columns.setdefault(key, [])
+    for row in history:
+        for key in columns:
+            value = row.get(key)
+            try:
+                columns[key].append(float(value) if value not in (None, "") else math.nan)
+            except (TypeError, ValueError):
+                columns[key].append(math.nan)
+    return len(history), {k: np.asarray(v) for k, v in columns.items()}
+
+
+def plot_history(history, path):
+    """Per-epoch training curves as a PNG: losses on the left, other metrics on the right.
+
+    Args:
+        history: list of per-epoch dicts, or the path of a `history.csv` with a header.
+            Columns whose name contains "loss" go to the loss panel; every other numeric
+            column (val_mean_iou, val_iou_<class>, ...) to the metrics panel, except
+            epoch/step/lr/time bookkeeping. The x axis is the "epoch" column if present.
+        path: output PNG.
+    """
+    n, columns = _read_history(history)
+    if n == 0:
+        raise ValueError("history is empty: nothing to plot")
+    x = columns["epoch"] if "epoch" in columns and not np.all(np.isnan(columns["epoch"])) else np.arange(1, n + 1)
+    plotted = {k: v for k, v in columns.items() if k not in _NOT_PLOTTED and not np.all(np.isnan(v))}
+    losses = {k: v for k, v in plotted.items() if "loss" in k}
+    others = {k: v for k, v in plotted.items() if "loss" not in k}
+    panels = [(title, group) for title, group in (("loss", losses), ("metrics", others)) if group]
+    if not panels:
+        raise ValueError("history has no numeric columns to plot")
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure((6.0 * len(panels), 4.5))
+    for i, (title, group) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for key, values in group.items():
+            ax.plot(x, values, marker="o" if n <= 30 else None, ms=3, label=key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    _save_figure(fig, path)

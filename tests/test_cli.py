@@ -1,0 +1,204 @@
+"""End-to-end: fit a couple of epochs on tiny data through the CLI, then eval and predict."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from segtrain.cli import cli
+from tests.conftest import REPO, SHARED_DATASETS, make_stripes_dataset
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "model": {"depth": 2, "base_filters": 4},
+    "data": {"classes": ["background", "stripe"], "mask": {"threshold": 127}, "crop": 16, "batch_size": 4},
+    "loss": {"terms": [{"name": "cross_entropy"}, {"name": "jaccard", "weight": 0.5}], "class_weights": "balanced"},
+    "train": {"epochs": 2, "learning_rate": 0.01, "seed": 1},
+}
+
+
+def write_config(path, root, **sections):
+    config = json.loads(json.dumps(TINY))
+    config["data"]["root"] = str(root)
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def folder_digest(folder):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the tests of this module."""
+    base = tmp_path_factory.mktemp("e2e")
+    root = make_stripes_dataset(base / "stripes", n_train=8, n_val=3)
+    config = write_config(base / "tiny.yaml", root)
+    run = base / "run"
+    result = invoke("fit", config, "--out", run)
+    assert result.exit_code == 0, result.output
+    return base, root, config, run, result.output
+
+
+def test_fit_writes_a_complete_run_folder(trained):
+    base, root, config, run, output = trained
+    for name in ("config.yaml", "class_stats.json", "best.keras", "last.keras", "history.csv", "metrics.json",
+                 "history.png", "per_class.csv", "confusion_matrix.png", "run.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "checkpoints").iterdir()) and (run / "logs").is_dir()
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,") and len(history) == 3  # header + 2 epochs
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == {"background", "stripe"}
+    for values in metrics["per_class"].values():
+        assert {"iou", "dice", "precision", "recall", "support"} <= set(values)
+    cm = np.array(metrics["confusion_matrix"])
+    # the val split has 3 images of 32x32 pixels, all labelled
+    assert cm.sum() == 3 * 32 * 32 and metrics["per_class"]["stripe"]["support"] == cm[1].sum()
+    stats = json.loads((run / "class_stats.json").read_text())
+    assert stats["classes"] == ["background", "stripe"] and sum(stats["counts"]) == 8 * 32 * 32
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 2 and resolved["data"]["root"] == str(root)
+
+
+def test_best_model_loads_without_segtrain(trained):
+    _, _, _, run, _ = trained
+    code = (
+        "import sys, keras, numpy as np; "
+        "assert 'segtrain' not in sys.modules; "
+        f"m = keras.models.load_model(r'{run / 'best.keras'}', compile=False); "
+        "print(m(np.zeros((1, 32, 32, 3), 'float32')).shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(1, 32, 32, 1)" in out.stdout
+
+
+def test_eval_matches_numpy_on_predicted_masks(trained, tmp_path):
+    base, root, config, run, _ = trained
+    result = invoke("eval", "--checkpoint", run, "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert "stripe" in result.output and "IoU" in result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for name in ("per_class.csv", "confusion_matrix.png", "pr_curve.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+
+    result = invoke("predict", root / "val" / "images", "--checkpoint", run, "--out", tmp_path / "pred")
+    assert result.exit_code == 0, result.output
+    cm = np.zeros((2, 2), np.int64)
+    for mask_path in sorted((root / "val" / "masks").glob("*.png")):
+        truth = (np.asarray(Image.open(mask_path)) > 127).astype(int)
+        predicted = np.asarray(Image.open(tmp_path / "pred" / mask_path.name))
+        assert predicted.shape == truth.shape and set(np.unique(predicted)) <= {0, 255}
+        cm += np.bincount(2 * truth.ravel() + (predicted.ravel() > 127), minlength=4).reshape(2, 2)
+    assert np.array_equal(np.array(metrics["confusion_matrix"]), cm)
+    tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+    if tp + fp + fn:
+        assert metrics["per_class"]["stripe"]["iou"] == pytest.approx(tp / (tp + fp + fn))
+
+
+def test_predict_defaults_to_newest_run_and_keeps_size(trained, tmp_path, monkeypatch):
+    _, root, _, run, _ = trained
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny").symlink_to(run)
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 45, 3)).astype(np.uint8)).save(odd)
+    result = invoke("predict", odd, "--overlay", "--probabilities")
+    assert result.exit_code == 0, result.output
+    out = run / "predictions"
+    assert np.asarray(Image.open(out / "odd.png")).shape == (37, 45)
+    assert (out / "odd_overlay.png").is_file() and (out / "odd_prob_stripe.png").is_file()
+
+
+def test_fit_refuses_existing_run_folder_and_leaves_it_untouched(trained):
+    base, root, config, run, _ = trained
+    before = folder_digest(run)
+    result = invoke("fit", config, "--out", run)
+    assert result.exit_code == 2 and "already exists" in result.output and "--overwrite" in result.output
+    assert folder_digest(run) == before
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("unknown_key", "train.epohcs"),
+        ("missing_root", "data set folder not found"),
+        ("bad_mask_value", "not covered"),
+        ("bad_crop", "data.crop"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message_and_run_untouched(trained, tmp_path, case, expected):
+    base, root, config, run, _ = trained
+    before = folder_digest(run)
+    bad_root = make_stripes_dataset(tmp_path / "data", n_train=2, n_val=1)
+    overrides = {
+        "unknown_key": ["--set", "train.epohcs=3"],
+        "missing_root": ["--set", f"data.root={tmp_path / 'nowhere'}"],
+        "bad_mask_value": ["--set", f"data.root={bad_root}", "--set", "data.mask={values: {0: 0}}"],
+        "bad_crop": ["--set", "data.crop=10"],
+    }[case]
+    result = invoke("fit", config, "--out", run, "--overwrite", *overrides)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert result.output.count("Error:") == 1
+    assert folder_digest(run) == before
+
+
+def test_stats_json_and_table(trained):
+    _, _, config, _, _ = trained
+    result = invoke("stats", config, "--json")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    assert stats["classes"] == ["background", "stripe"]
+    counts = np.array(stats["counts"], float)
+    assert counts.sum() == 8 * 32 * 32
+    balanced = np.array(stats["weights"]["balanced"])
+    # scaled so that the pixel-frequency-weighted mean weight is 1
+    assert float((counts / counts.sum()) @ balanced) == pytest.approx(1.0, rel=1e-6)
+    table = invoke("stats", config)
+    assert table.exit_code == 0 and "balanced" in table.output
+
+
+def test_resume_after_completion_continues_to_more_epochs(trained, tmp_path):
+    base, root, config, run, _ = trained
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    result = invoke("fit", config, "--out", copy, "--resume", "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    assert "Resuming" in result.output
+    assert len((copy / "history.csv").read_text().splitlines()) == 4
+
+
+@pytest.mark.skipif(not (SHARED_DATASETS / "membrane").is_dir(), reason="shared data sets not present")
+def test_short_membrane_run_maps_membrane_as_minority(tmp_path):
+    result = invoke("fit", REPO / "configs" / "membrane.yaml", "--out", tmp_path / "m",
+                    "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set", "data.crop=64",
+                    "--set", "model.depth=2", "--set", "model.base_filters=4", "--set", "data.batch_size=2",
+                    "--set", "predict.tile_size=256")
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "m" / "class_stats.json").read_text())
+    frequency = dict(zip(stats["classes"], stats["frequencies"]))
+    assert 0.18 < frequency["membrane"] < 0.26  # about 22% of pixels
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["per_class"]["membrane"]["support"] < metrics["per_class"]["cell"]["support"]
