@@ -15,6 +15,23 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow and probe for GPUs with C++ stderr muted (CUDA-probe chatter on CPU-only machines)."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="segtrain")
 def cli():
@@ -30,6 +47,7 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 def fit(config_path, overrides, out, resume, overwrite):
     """Train a model from CONFIG and write a run folder."""
+    _import_tensorflow_quietly()
     from segtrain.config import load_config
     from segtrain.runs import check_run_dir, default_run_dir
     from segtrain.train import run_fit
@@ -52,6 +70,7 @@ def fit(config_path, overrides, out, resume, overwrite):
               help="Foreground probability threshold (two classes); implies --decision threshold.")
 def eval_command(checkpoint, data_root, split, out, decision, threshold):
     """Per-class metrics of a trained model on a labelled split."""
+    _import_tensorflow_quietly()
     from segtrain.evaluate import evaluate_checkpoint
 
     if threshold is not None and decision is None:
@@ -71,6 +90,7 @@ def eval_command(checkpoint, data_root, split, out, decision, threshold):
 @click.option("--overlay", is_flag=True, help="Also write a colour overlay of the mask on the image.")
 def predict(images, checkpoint, out, decision, threshold, tta, probabilities, overlay):
     """Write one mask per image in IMAGES (files or folders): same stem, same size, training encoding."""
+    _import_tensorflow_quietly()
     from segtrain.evaluate import collect_images, predict_images
 
     if threshold is not None and decision is None:
@@ -85,7 +105,7 @@ def predict(images, checkpoint, out, decision, threshold, tta, probabilities, ov
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 def stats(config_path, overrides, as_json):
     """Check the data set and print class pixel counts and the weights of every strategy."""
-    from segtrain.class_weights import ClassCounter, format_stats_table, stats_for_all_strategies
+    from segtrain.class_weights import ClassCounter, class_stats_dict, format_stats_table
     from segtrain.config import load_config
     from segtrain.data.discovery import find_pairs
     from segtrain.data.masks import MaskMapping
@@ -97,7 +117,7 @@ def stats(config_path, overrides, as_json):
     mapping = MaskMapping(data.mask, data.classes)
     counter = ClassCounter(len(data.classes))
     scan_pairs(pairs, mapping, data.max_image_pixels, counter, description=None if as_json else "counting")
-    result = stats_for_all_strategies(counter, data.classes, config.loss["max_weight"])
+    result = class_stats_dict(counter, data.classes, config.loss["class_weights"], config.loss["max_weight"])
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -28,7 +28,7 @@ def load_mask(pair: Pair, mapping: MaskMapping, max_pixels: int) -> np.ndarray:
 def scan_pairs(pairs: list[Pair], mapping: MaskMapping, max_pixels: int, counter=None,
                description: Optional[str] = None) -> None:
     """Check all pairs (readable, same size, mask values covered); feed each class mask to `counter`."""
-    iterator = tqdm(pairs, desc=description, unit="mask", leave=False, disable=description is None)
+    iterator = tqdm(pairs, desc=description, unit="mask", leave=False, disable=True if description is None else None)
     for pair in iterator:
         classes = load_mask(pair, mapping, max_pixels)
         if counter is not None:
