@@ -68,14 +68,16 @@ def fit(config_path, overrides, out, resume, overwrite):
 @click.option("--decision", type=click.Choice(["argmax", "cost", "threshold"]), help="Decision rule (default: the config's).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Foreground probability threshold (two classes); implies --decision threshold.")
-def eval_command(checkpoint, data_root, split, out, decision, threshold):
+@click.option("--relaxed", "relaxed_rho", type=click.FloatRange(min=0), metavar="RHO",
+              help="Also report relaxed precision/recall: a hit within RHO pixels counts (thin structures).")
+def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed_rho):
     """Per-class metrics of a trained model on a labelled split."""
     _import_tensorflow_quietly()
     from segtrain.evaluate import evaluate_checkpoint
 
     if threshold is not None and decision is None:
         decision = "threshold"
-    evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold)
+    evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold, relaxed_rho)
 
 
 @cli.command()

@@ -78,8 +78,12 @@ class Predictor:
         return decide(probabilities, self.decision, threshold=self.threshold, cost_matrix=self.cost_matrix)
 
 
-def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping, max_pixels: int):
-    """(K x K confusion matrix, foreground probability histogram or None) over all pairs."""
+def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping, max_pixels: int,
+                   relaxed=None):
+    """(K x K confusion matrix, foreground probability histogram or None) over all pairs.
+
+    `relaxed`, a RelaxedPrecisionRecall accumulator (two classes), is fed every mask too.
+    """
     from tqdm import tqdm
 
     from segtrain.metrics import ProbabilityHistogram, confusion_matrix_np
@@ -91,9 +95,12 @@ def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping
         image = read_image(pair.image, predictor.channels, max_pixels)
         truth = load_mask(pair, mapping, max_pixels)
         probabilities = predictor.probabilities(image)
-        cm += confusion_matrix_np(truth, predictor.labels(probabilities), num_classes)
+        labels = predictor.labels(probabilities)
+        cm += confusion_matrix_np(truth, labels, num_classes)
         if histogram is not None:
             histogram.update(probabilities[..., 1], truth)
+        if relaxed is not None:
+            relaxed.update_labels(truth, labels)
     return cm, histogram
 
 
@@ -116,21 +123,34 @@ def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix) -> None:
 
 def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: MaskMapping, out_dir: Path,
                  decision: Optional[str] = None, threshold: Optional[float] = None,
-                 log=click.echo) -> dict:
+                 relaxed_rho: Optional[float] = None, log=click.echo) -> dict:
     """Evaluate a saved model on pairs, print the table, write reports into out_dir; return the metrics."""
-    from segtrain.metrics import metrics_from_confusion
+    from segtrain.metrics import RelaxedPrecisionRecall, metrics_from_confusion
     from segtrain.reports import format_metrics_table
 
     model = load_model(model_path)
     _check_model_matches(model, config, model_path)
     predictor = Predictor(model, config, decision, threshold)
-    cm, histogram = evaluate_pairs(predictor, pairs, mapping, config.data.max_image_pixels)
+    if relaxed_rho is not None and len(config.data.classes) != 2:
+        raise ConfigError("--relaxed: relaxed precision and recall are defined for two classes only.")
+    relaxed = RelaxedPrecisionRecall(relaxed_rho) if relaxed_rho is not None else None
+    cm, histogram = evaluate_pairs(predictor, pairs, mapping, config.data.max_image_pixels, relaxed)
     metrics = metrics_from_confusion(cm, config.data.classes, predictor.cost_matrix)
+    if relaxed is not None:
+        metrics["relaxed"] = relaxed.result()
     metrics["decision"] = {"rule": predictor.decision, "threshold": predictor.threshold}
     metrics["model"] = str(model_path)
     write_reports(metrics, histogram, out_dir, predictor.cost_matrix)
     log(format_metrics_table(metrics))
+    if relaxed is not None:
+        r = metrics["relaxed"]
+        log(f"Relaxed (rho={relaxed_rho:g} px): precision {_fmt(r['precision'])}, recall {_fmt(r['recall'])}, "
+            f"F1 {_fmt(r['f1'])}")
     return metrics
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"
 
 
 def _check_model_matches(model, config: Config, model_path: Path) -> None:
@@ -216,7 +236,8 @@ def _overlay(image: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndar
 
 
 def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], split: str, out_dir: Optional[Path],
-                        decision: Optional[str], threshold: Optional[float], log=click.echo) -> dict:
+                        decision: Optional[str], threshold: Optional[float], relaxed_rho: Optional[float] = None,
+                        log=click.echo) -> dict:
     """`segtrain eval`: metrics of a run's model on a labelled split."""
     from segtrain.reports import write_metrics_json
 
@@ -227,7 +248,7 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
     pairs = find_pairs(config.data.root, split)
     mapping = MaskMapping(config.data.mask, config.data.classes)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"eval_{split}"
-    metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, decision, threshold, log=log)
+    metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, decision, threshold, relaxed_rho, log=log)
     metrics["split"] = split
     metrics["data_root"] = str(config.data.root)
     write_metrics_json(metrics, out_dir / "metrics.json")

@@ -115,6 +115,18 @@ def test_eval_matches_numpy_on_predicted_masks(trained, tmp_path):
         assert metrics["per_class"]["stripe"]["iou"] == pytest.approx(tp / (tp + fp + fn))
 
 
+def test_eval_relaxed_scores_are_at_least_the_strict_ones(trained, tmp_path):
+    _, _, _, run, _ = trained
+    result = invoke("eval", "--checkpoint", run, "--out", tmp_path / "eval", "--relaxed", 2)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    relaxed, strict = metrics["relaxed"], metrics["per_class"]["stripe"]
+    assert relaxed["rho"] == 2 and "Relaxed (rho=2 px)" in result.output
+    for key in ("precision", "recall"):
+        if strict[key] is not None:
+            assert relaxed[key] >= strict[key] - 1e-12
+
+
 def test_predict_defaults_to_newest_run_and_keeps_size(trained, tmp_path, monkeypatch):
     _, root, _, run, _ = trained
     monkeypatch.chdir(tmp_path)
