@@ -220,7 +220,8 @@ def plot_pr_curve(curve, path, marks=None):
     _save_figure(fig, path)
 
 
-_NOT_PLOTTED = {"epoch", "step", "steps", "lr", "learning_rate", "time", "seconds", "epoch_time", "wall_time"}
+_NOT_PLOTTED = {"epoch", "step", "steps", "lr", "learning_rate", "time", "seconds", "epoch_time", "wall_time",
+                "images_per_second"}
 
 
 def _read_history(history):
