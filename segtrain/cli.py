@@ -56,8 +56,10 @@ def fit(config_path, overrides, out, resume, overwrite):
     run_dir = Path(out) if out else default_run_dir(config_path)
     check_run_dir(run_dir, resume, overwrite)
     metrics = run_fit(config, run_dir, resume=resume, overwrite=overwrite, config_path=Path(config_path))
+    mean_iou = metrics.get("mean_iou")
+    shown = "n/a" if mean_iou is None else f"{mean_iou:.4f}"
     click.echo(f"Done: {run_dir} (best.keras, last.keras, metrics.json, history.csv). "
-               f"Mean IoU on {config.data.val_split}: {metrics.get('mean_iou', float('nan')):.4f}")
+               f"Mean IoU on {config.data.val_split}: {shown}")
 
 
 @cli.command("eval")
@@ -75,12 +77,11 @@ def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed
     _import_tensorflow_quietly()
     from segtrain.evaluate import evaluate_checkpoint
 
-    if threshold is not None and decision is None:
-        decision = "threshold"
+    decision = _decision_from_options(decision, threshold)
     evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold, relaxed_rho)
 
 
-@cli.command()
+@cli.command(short_help="Write one mask per image.")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--checkpoint", type=click.Path(), help="Run folder or .keras file (default: newest run under runs/).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/predictions).")
@@ -95,13 +96,12 @@ def predict(images, checkpoint, out, decision, threshold, tta, probabilities, ov
     _import_tensorflow_quietly()
     from segtrain.evaluate import collect_images, predict_images
 
-    if threshold is not None and decision is None:
-        decision = "threshold"
+    decision = _decision_from_options(decision, threshold)
     predict_images(collect_images(list(images)), checkpoint, Path(out) if out else None, decision, threshold, tta,
                    probabilities, overlay)
 
 
-@cli.command()
+@cli.command(short_help="Check the data set and print class statistics and weights.")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value by dotted path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
@@ -125,6 +125,17 @@ def stats(config_path, overrides, as_json):
     else:
         click.echo(f"{data.root}/{data.train_split}: {len(pairs)} pairs checked; masks read as {mapping.describe()}.")
         click.echo(format_stats_table(result))
+        for warning in result.get("warnings", []):
+            click.echo(f"warning: {warning}")
+
+
+def _decision_from_options(decision, threshold):
+    """--threshold implies --decision threshold and makes no sense with another rule."""
+    if threshold is None:
+        return decision
+    if decision not in (None, "threshold"):
+        raise click.UsageError(f"--threshold goes with --decision threshold, not --decision {decision}.")
+    return "threshold"
 
 
 def main():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,9 +97,15 @@ class TrainConfig:
     """Optimizer steps per epoch; null = ceil(training images / batch_size)."""
     seed: int = 0
     learning_rate: float = 1e-3
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """Learning-rate schedule after warm-up."""
+    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
+    """Learning-rate schedule after warm-up; plateau: constant, lowered when `monitor` stalls."""
     warmup_epochs: float = 0.0
+    plateau_factor: float = 0.5
+    """schedule plateau: multiply the learning rate by this (0 < factor < 1) when `monitor` stalls."""
+    plateau_patience: int = 2
+    """schedule plateau: validated epochs without improvement of `monitor` before the rate is lowered."""
+    plateau_min_learning_rate: float = 1e-6
+    """schedule plateau: the rate is never lowered below this."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) when > 0."""
     grad_clip_norm: Optional[float] = None
@@ -112,6 +120,8 @@ class TrainConfig:
     deterministic: bool = False
     """Use deterministic TF ops (slower; makes runs bit-reproducible on the CPU)."""
     keep_checkpoints: int = 3
+    checkpoint_every_steps: Optional[int] = None
+    """Also checkpoint every this many optimizer steps inside an epoch (a kill then loses little); null: epoch ends only."""
 
 
 @dataclass
@@ -128,6 +138,13 @@ class PredictConfig:
     tta: bool = False
     """Average over flips at test time."""
     batch_size: int = 4
+    """Tiles per forward pass."""
+    fp_cost: Any = None
+    """Costs for decision=cost, per class (list or {class: cost}); see the `cost_sensitive` loss term."""
+    fn_cost: Any = None
+    cost_matrix: Any = None
+    """Full K x K decision cost matrix C[true][pred]; overrides fp_cost/fn_cost. Without any of the three,
+    decision=cost uses the cost_sensitive loss term's matrix."""
 
 
 @dataclass
@@ -158,7 +175,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found. Pass the path of a YAML file, e.g. configs/roads.yaml.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -177,15 +194,29 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def resolve_data_root(root: str, config_path: Path) -> str:
-    """A relative data root is taken from the working directory, else from the config's folder."""
+    """A relative data root is taken from the working directory, else from the config's folder; made absolute."""
     if not root:
         raise ConfigError("data.root: missing. Set it to the data set folder, e.g. `data: {root: data_samples/roads}`.")
     candidate = Path(root)
-    if candidate.is_absolute() or candidate.exists():
-        return str(candidate)
-    beside = config_path.parent / candidate
-    return str(beside) if beside.exists() else str(candidate)
+    if not candidate.is_absolute() and not candidate.exists() and (config_path.parent / candidate).exists():
+        candidate = config_path.parent / candidate
+    return str(candidate.resolve())  # absolute, so the saved config works from any folder
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -220,7 +251,40 @@ def config_from_dict(raw: dict) -> Config:
     from segtrain.losses import normalize_loss_config
 
     config.loss = normalize_loss_config(config.loss, config.data.classes)
+    _check_predict(config)
     return config
+
+
+def decision_cost_matrix(config: Config):
+    """The K x K matrix for decision=cost: predict's own costs, else the cost_sensitive loss term's, else None."""
+    import numpy as np
+
+    from segtrain.losses.config import _cost_matrix, _per_class, cost_matrix_from_config, shorthand_cost_matrix
+
+    predict, classes = config.predict, config.data.classes
+    if predict.cost_matrix is not None:
+        return np.asarray(_cost_matrix(predict.cost_matrix, "predict.cost_matrix", classes), float)
+    if predict.fp_cost is not None or predict.fn_cost is not None:
+        fp = None if predict.fp_cost is None else _per_class(predict.fp_cost, "predict.fp_cost", classes)
+        fn = None if predict.fn_cost is None else _per_class(predict.fn_cost, "predict.fn_cost", classes)
+        return shorthand_cost_matrix(fp, fn, len(classes))
+    return cost_matrix_from_config(config.loss, classes)
+
+
+def _check_predict(config: Config) -> None:
+    """Decision settings are checked now, not after training."""
+    predict = config.predict
+    matrix = decision_cost_matrix(config)
+    if predict.decision == "cost" and matrix is None:
+        raise ConfigError(
+            "predict.decision: 'cost' needs costs: set predict.fp_cost / predict.fn_cost (or predict.cost_matrix), "
+            "or add a cost_sensitive loss term."
+        )
+    if predict.decision == "threshold":
+        if len(config.data.classes) != 2:
+            raise ConfigError("predict.decision: 'threshold' is for two classes only; use argmax or cost.")
+        if predict.threshold is None:
+            raise ConfigError("predict.threshold: set it (e.g. 0.5) when predict.decision is 'threshold'.")
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -277,6 +341,9 @@ def _coerce(value: Any, tp, path: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # Optional[X]: let X's own message (with the inner key) through
+            return _coerce(value, members[0], path)
         for arg in args:
             if arg is type(None):
                 continue
@@ -331,19 +398,38 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("data.classes: name at least two classes, e.g. [background, road].")
     if len(set(data.classes)) != len(data.classes):
         raise ConfigError("data.classes: class names must be unique.")
+    for i, name in enumerate(data.classes):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(
+                f"data.classes[{i}]: {name!r} is not a valid class name; use letters, digits, '_', '.' or '-' "
+                "(names appear in file names and CSV columns)."
+            )
     mask = data.mask
     chosen = [name for name in ("values", "threshold", "palette") if getattr(mask, name) is not None]
     if len(chosen) > 1:
         raise ConfigError(f"data.mask: set only one of values, threshold, palette (got {', '.join(chosen)}).")
-    if mask.threshold is not None and len(data.classes) != 2:
-        raise ConfigError("data.mask.threshold: a threshold makes two classes; data.classes must name exactly two.")
+    if mask.threshold is not None:
+        if len(data.classes) != 2:
+            raise ConfigError("data.mask.threshold: a threshold makes two classes; data.classes must name exactly two.")
+        if not 0 <= mask.threshold < 255:
+            raise ConfigError(f"data.mask.threshold: {mask.threshold} is outside 0..254; masks hold values 0..255.")
     if mask.values is not None:
         for raw_value, cls in mask.values.items():
+            if not 0 <= raw_value <= 255:
+                raise ConfigError(f"data.mask.values.{raw_value}: raw mask values are 0..255 in 8-bit masks.")
             if not 0 <= cls < len(data.classes):
                 raise ConfigError(
                     f"data.mask.values.{raw_value}: class index {cls} is out of range; "
                     f"use 0..{len(data.classes) - 1} (data.classes has {len(data.classes)} names)."
                 )
+            if raw_value in mask.ignore:
+                raise ConfigError(f"data.mask.values.{raw_value}: this value is also in data.mask.ignore; keep one.")
+        unreachable = [name for i, name in enumerate(data.classes) if i not in mask.values.values()]
+        if unreachable:
+            raise ConfigError(
+                f"data.mask.values: no raw value maps to class(es) {', '.join(unreachable)}; "
+                "map a value to each class in data.classes."
+            )
     if mask.palette is not None:
         for name, colour in mask.palette.items():
             if name not in data.classes:
@@ -353,12 +439,23 @@ def _check_semantics(config: Config) -> None:
         missing = [c for c in data.classes if c not in mask.palette]
         if missing:
             raise ConfigError(f"data.mask.palette: no colour for class(es) {', '.join(missing)}.")
+        colours = [tuple(c) for c in mask.palette.values()]
+        for name, colour in mask.palette.items():
+            if colours.count(tuple(colour)) > 1:
+                raise ConfigError(f"data.mask.palette.{name}: colour {colour} is used by another class too.")
+            if list(colour) in mask.ignore:
+                raise ConfigError(f"data.mask.palette.{name}: colour {colour} is also in data.mask.ignore.")
     for i, value in enumerate(mask.ignore):
         ok = isinstance(value, int) and not isinstance(value, bool) or (
             isinstance(value, list) and len(value) == 3 and all(isinstance(c, int) for c in value)
         )
+        if ok:
+            channels = value if isinstance(value, list) else [value]
+            ok = all(0 <= c <= 255 for c in channels)
         if not ok:
-            raise ConfigError(f"data.mask.ignore[{i}]: expected a raw mask value (int) or an [r, g, b] colour, got {value!r}.")
+            raise ConfigError(
+                f"data.mask.ignore[{i}]: expected a raw mask value 0..255 or an [r, g, b] colour, got {value!r}."
+            )
     divisor = 2**model.depth
     if model.depth < 1 or model.depth > 7:
         raise ConfigError(f"model.depth: {model.depth} is out of range; use 1..7 (4 is usual).")
@@ -375,11 +472,15 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("data.resize: expected [height, width] with positive values.")
     if data.batch_size < 1:
         raise ConfigError("data.batch_size: must be at least 1.")
+    if data.shuffle_buffer < 1:
+        raise ConfigError("data.shuffle_buffer: must be at least 1.")
+    if data.max_image_pixels < 1:
+        raise ConfigError("data.max_image_pixels: must be positive, e.g. 100000000.")
     if train.epochs < 1:
         raise ConfigError("train.epochs: must be at least 1.")
     if train.steps_per_epoch is not None and train.steps_per_epoch < 1:
         raise ConfigError("train.steps_per_epoch: must be at least 1 (or null for one pass over the data).")
-    if train.learning_rate <= 0:
+    if not math.isfinite(train.learning_rate) or train.learning_rate <= 0:
         raise ConfigError("train.learning_rate: must be positive, e.g. 0.001.")
     if train.grad_clip_norm is not None and train.grad_clip_norm <= 0:
         raise ConfigError("train.grad_clip_norm: must be positive (or null for no clipping).")
@@ -390,5 +491,7 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("predict.threshold: must be between 0 and 1.")
     if not 0.0 <= predict.overlap < 1.0:
         raise ConfigError("predict.overlap: must be in [0, 1).")
+    if predict.batch_size < 1:
+        raise ConfigError("predict.batch_size: must be at least 1.")
     if predict.tile_size is not None and (predict.tile_size <= 0 or predict.tile_size % divisor):
         raise ConfigError(f"predict.tile_size: must be a positive multiple of 2**model.depth = {divisor}.")

@@ -18,7 +18,7 @@ from segtrain.data.discovery import IMAGE_SUFFIXES, Pair, find_pairs
 from segtrain.data.images import read_image, write_png_atomic
 from segtrain.data.masks import MaskMapping
 from segtrain.data.scan import load_mask
-from segtrain.errors import CheckpointError, ConfigError, DataError
+from segtrain.errors import CheckpointError, ConfigError, DataError  # noqa: F401
 from segtrain.runs import load_model, resolve_checkpoint
 
 
@@ -44,33 +44,49 @@ class Predictor:
     """A loaded model plus the decision rule: image array in, class-index mask out."""
 
     def __init__(self, model, config: Config, decision: Optional[str] = None, threshold: Optional[float] = None,
-                 tta: Optional[bool] = None):
-        from segtrain.losses import cost_matrix_from_config
+                 tta: Optional[bool] = None, log=click.echo):
+        import dataclasses
+
+        from segtrain.config import _check_predict, decision_cost_matrix
 
         self.model = model
-        self.config = config
         self.channels = int(model.input_shape[-1])
-        self.decision = decision or config.predict.decision
-        self.threshold = threshold if threshold is not None else config.predict.threshold
-        self.tta = config.predict.tta if tta is None else tta
-        self.cost_matrix = cost_matrix_from_config(config.loss, config.data.classes)
-        num_classes = len(config.data.classes)
-        if self.decision == "cost" and self.cost_matrix is None:
-            raise ConfigError("predict.decision: 'cost' needs a cost_sensitive loss term (fp_cost/fn_cost or cost_matrix).")
-        if self.decision == "threshold":
-            if num_classes != 2:
-                raise ConfigError("predict.decision: 'threshold' is for two classes only; use argmax or cost.")
-            if self.threshold is None:
-                raise ConfigError("predict.threshold: set it (e.g. 0.5) when predict.decision is 'threshold'.")
+        predict = dataclasses.replace(
+            config.predict,
+            decision=decision or config.predict.decision,
+            threshold=threshold if threshold is not None else config.predict.threshold,
+            tta=config.predict.tta if tta is None else tta,
+        )
+        self.config = dataclasses.replace(config, predict=predict)
+        _check_predict(self.config)  # command-line overrides get the config's checks
+        self.decision, self.threshold, self.tta = predict.decision, predict.threshold, predict.tta
+        self.cost_matrix = decision_cost_matrix(self.config)
+        own_costs = any(v is not None for v in (predict.fp_cost, predict.fn_cost, predict.cost_matrix))
+        if self.decision == "cost" and not own_costs:
+            log("warning: decision=cost uses the cost_sensitive loss term's costs, which the model has already "
+                "learnt, so they count twice; prefer argmax for a cost-trained model, or train with plain "
+                "cross-entropy and set predict.fp_cost / predict.fn_cost for the decision.")
 
     def probabilities(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Class probabilities H x W x K at the image's own size (resized like training when data.resize is set)."""
         from segtrain.inference import predict_probabilities
 
-        return predict_probabilities(
+        resize = self.config.data.resize
+        height, width = image.shape[:2]
+        if resize is not None:
+            import tensorflow as tf
+
+            image = tf.image.resize(image, resize, method="bilinear").numpy()
+        probabilities = predict_probabilities(
             self.model, image, tile_size(self.config), overlap=self.config.predict.overlap,
             batch_size=self.config.predict.batch_size, tta=self.tta, divisor=2**self.config.model.depth,
             progress=progress,
         )
+        if resize is not None:
+            import tensorflow as tf
+
+            probabilities = tf.image.resize(probabilities, (height, width), method="bilinear").numpy()
+        return probabilities
 
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
         from segtrain.decision import decide
@@ -197,16 +213,16 @@ def predict_images(images: list[Path], checkpoint: Optional[str], out_dir: Optio
     predictor = Predictor(model, config, decision, threshold, tta)
     mapping = MaskMapping(config.data.mask, config.data.classes)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
     stems = [p.stem for p in images]
     duplicated = {s for s in stems if stems.count(s) > 1}
     if duplicated:
         raise DataError(f"several input images share the stem {sorted(duplicated)[0]!r}; their masks would collide.")
-    inputs = {p.resolve() for p in images}
+    input_folders = {p.resolve().parent for p in images}
+    if out_dir.resolve() in input_folders:
+        raise DataError(f"{out_dir}: this folder holds input images; write the masks elsewhere with --out.")
+    out_dir.mkdir(parents=True, exist_ok=True)
     for path in tqdm(images, desc="predicting", unit="image", disable=None):
         target = out_dir / f"{path.stem}.png"
-        if target.resolve() in inputs:
-            raise DataError(f"{target}: writing the mask would replace an input image; choose another --out.")
         image = read_image(path, predictor.channels, config.data.max_image_pixels)
         probs = predictor.probabilities(image)
         labels = predictor.labels(probs)

@@ -84,6 +84,24 @@ def test_set_without_equals_is_an_error(tmp_path):
         ({"train": {"learning_rate": -1}}, "train.learning_rate"),
         ({"data": {"batch_size": 0}}, "data.batch_size"),
         ({"predict": {"threshold": 1.5}}, "predict.threshold"),
+        ({"predict": {"batch_size": 0}}, "predict.batch_size"),
+        ({"predict": {"decision": "cost"}}, "predict.decision"),
+        ({"predict": {"decision": "threshold"}}, "predict.threshold"),
+        ({"data": {"classes": ["a", "b", "c"]}, "predict": {"decision": "threshold", "threshold": 0.5}},
+         "predict.decision"),
+        ({"predict": {"cost_matrix": [[0, 1], [2, 3]]}}, "predict.cost_matrix[1][1]"),
+        ({"predict": {"fn_cost": {"nope": 2}}}, "predict.fn_cost.nope"),
+        ({"data": {"mask": {"ignore": [-1]}}}, "data.mask.ignore[0]"),
+        ({"data": {"mask": {"ignore": [300]}}}, "data.mask.ignore[0]"),
+        ({"data": {"mask": {"threshold": 300}}}, "data.mask.threshold"),
+        ({"data": {"mask": {"values": {0: 0, 300: 1}}}}, "data.mask.values.300"),
+        ({"data": {"mask": {"values": {0: 0}}}}, "data.mask.values"),
+        ({"data": {"mask": {"values": {0: 0, 255: 1}, "ignore": [255]}}}, "data.mask.values.255"),
+        ({"data": {"mask": {"palette": {"background": [0, 0, 0], "foreground": [0, 0, 0]}}}}, "data.mask.palette"),
+        ({"data": {"mask": {"palette": {"background": [0, 0, 0], "foreground": "red"}}}},
+         "data.mask.palette.foreground"),
+        ({"data": {"classes": ["bg", "a/b"]}}, "data.classes[1]"),
+        ({"train": {"learning_rate": float("nan")}}, "train.learning_rate"),
     ],
 )
 def test_semantic_errors_name_the_key(section, key):
@@ -100,7 +118,7 @@ def test_relative_root_resolves_beside_config(tmp_path):
     (tmp_path / "cfg").mkdir()
     path = tmp_path / "cfg" / "c.yaml"
     path.write_text("data: {root: ../sets/a}\n")
-    assert load_config(path).data.root == str(tmp_path / "cfg" / "../sets/a")
+    assert load_config(path).data.root == str((tmp_path / "sets" / "a").resolve())
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -119,3 +137,32 @@ def test_shipped_configs_load():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         config = load_config(path)
         assert config.data.classes, path
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = write(tmp_path, f"data: {{root: {tmp_path}}}\ntrain: {{epochs: 2}}\ntrain: {{seed: 1}}\n")
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config(path)
+
+
+def test_decision_costs_from_predict_section_or_loss_term(tmp_path):
+    from segtrain.config import decision_cost_matrix
+
+    own = config_from_dict({"data": {"root": "x", "classes": ["bg", "road"]},
+                            "predict": {"decision": "cost", "fp_cost": {"road": 1}, "fn_cost": {"road": 4}}})
+    assert decision_cost_matrix(own).tolist() == [[0, 1], [4, 0]]
+    from_loss = config_from_dict({"data": {"root": "x", "classes": ["bg", "road"]},
+                                  "loss": {"name": "cost_sensitive", "fp_cost": {"road": 3}},
+                                  "predict": {"decision": "cost"}})
+    assert decision_cost_matrix(from_loss).tolist() == [[0, 3], [1, 0]]
+
+
+def test_loading_a_config_does_not_import_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, f"data: {{root: {tmp_path}}}\nloss: {{terms: [cross_entropy, jaccard]}}\n")
+    code = ("import sys; from segtrain.config import load_config; "
+            f"load_config(r'{path}'); print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-500:]

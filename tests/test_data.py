@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segtrain.config import DataConfig, MaskConfig
+from segtrain.config import MaskConfig
 from segtrain.data.discovery import find_pairs
 from segtrain.data.images import read_image, read_raw_mask
 from segtrain.data.masks import MaskMapping
@@ -97,6 +97,14 @@ def test_palette_round_trip_and_unknown_colour():
     assert mapping.encode(np.array([[0, 1]])).tolist() == [[[0, 0, 0], [255, 0, 0]]]
     with pytest.raises(DataError, match=r"colour \(1, 2, 3\)"):
         mapping.to_classes(np.array([[[1, 2, 3]]], np.uint8), "p.png")
+
+
+def test_encode_round_trips_every_class_with_ignore():
+    for mask in (MaskConfig(threshold=127, ignore=[255]), MaskConfig(values={0: 1, 255: 0}, ignore=[128]),
+                 MaskConfig(ignore=[255])):
+        mapping = MaskMapping(mask, ["a", "b"])
+        classes = np.array([[0, 1]])
+        assert mapping.to_classes(mapping.encode(classes)).tolist() == classes.tolist()
 
 
 def test_encode_inverts_the_value_map():

@@ -1,7 +1,7 @@
 import numpy as np
 import tensorflow as tf
 
-from segtrain.config import AugmentConfig, DataConfig, MaskConfig
+from segtrain.config import DataConfig, MaskConfig
 from segtrain.data.discovery import find_pairs
 from segtrain.data.masks import MaskMapping
 from segtrain.data.pipeline import DataSpec, augment, evaluation_dataset, steps_per_epoch, training_dataset

@@ -33,9 +33,7 @@ class MaskMapping:
                 table[:] = (values > mask.threshold).astype(np.int32)
             elif mask.values is not None:
                 self.mode = "values"
-                for raw, cls in mask.values.items():
-                    if not 0 <= raw <= 255:
-                        raise DataError(f"data.mask.values.{raw}: raw mask values are 0..255 in 8-bit masks.")
+                for raw, cls in mask.values.items():  # ranges checked by the config
                     table[raw] = cls
             else:
                 self.mode = "identity"
@@ -92,12 +90,11 @@ class MaskMapping:
             for colour, cls in self.colours.items():
                 lut[cls] = colour
             return lut[classes]
-        if self.mode == "threshold":
-            lut = np.array([0, 255], dtype=np.uint8)
-        else:
-            lut = np.zeros(self.num_classes, dtype=np.uint8)
-            for raw in range(255, -1, -1):  # the smallest raw value of a class wins
-                cls = self.table[raw]
-                if cls >= 0:
-                    lut[cls] = raw
+        lut = np.zeros(self.num_classes, dtype=np.uint8)
+        for cls in range(self.num_classes):
+            raws = np.flatnonzero(self.table == cls)
+            if raws.size == 0:
+                raise DataError(f"class {self.classes[cls]!r} has no raw mask value to be written as; see data.mask.")
+            # the smallest raw value of a class, but 255-like for a thresholded foreground
+            lut[cls] = raws.max() if self.mode == "threshold" and cls == 1 else raws.min()
         return lut[classes]

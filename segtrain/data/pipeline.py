@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from segtrain.config import DataConfig
@@ -74,7 +73,7 @@ def _pad_to_at_least(image, mask, height, width):
 
 def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool):
     """Random crop, flips and 90-degree turns of image and mask by one call, from a stateless seed."""
-    seeds = tf.random.experimental.stateless_split(seed, 4)
+    seeds = tf.random.experimental.stateless_split(seed, 5)
     if crop is not None:
         image, mask = _pad_to_at_least(image, mask, crop, crop)
         shape = tf.shape(mask)
@@ -87,7 +86,7 @@ def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool):
         stacked = tf.image.stateless_random_flip_left_right(stacked, seeds[2])
         stacked = tf.image.stateless_random_flip_up_down(stacked, seeds[3])
     if rotate90 and crop is not None:
-        turns = tf.random.stateless_uniform([], seeds[3] + 1, 0, 4, dtype=tf.int32)
+        turns = tf.random.stateless_uniform([], seeds[4], 0, 4, dtype=tf.int32)
         stacked = tf.image.rot90(stacked, turns)
     image = stacked[..., :-1]
     mask = tf.cast(tf.round(stacked[..., -1]), tf.int32)
@@ -156,8 +155,3 @@ def evaluation_dataset(pairs: list[Pair], spec: DataSpec, batch_size: int) -> tf
         padding_values=(0.0, IGNORE_INDEX),
     )
     return ds.prefetch(AUTOTUNE)
-
-
-def count_for_checks(ds: tf.data.Dataset, n: int) -> list[np.ndarray]:
-    """Materialise the first n elements (for tests and debugging)."""
-    return [tuple(t.numpy() for t in example) for example in ds.take(n)]

@@ -6,32 +6,32 @@
   `cost_matrix_from_config`.
 """
 
-from segtrain.losses.classes import (
-    CombinedLoss,
-    CostSensitiveCrossEntropy,
-    CrossEntropy,
-    DiceLoss,
-    FocalLoss,
-    JaccardLoss,
-    SegmentationLoss,
-    TverskyLoss,
-)
+import importlib
+
 from segtrain.losses.config import (
-    TERM_CLASSES,
+    TERM_CLASS_NAMES,
     TERM_DEFAULTS,
     build_loss,
     cost_matrix_from_config,
     normalize_loss_config,
     shorthand_cost_matrix,
 )
-from segtrain.losses.functional import (
-    cost_sensitive_cross_entropy,
-    cross_entropy,
-    dice,
-    focal,
-    jaccard,
-    tversky,
-)
+
+_LAZY = {
+    **{name: "segtrain.losses.classes" for name in (
+        "CombinedLoss", "CostSensitiveCrossEntropy", "CrossEntropy", "DiceLoss", "FocalLoss", "JaccardLoss",
+        "SegmentationLoss", "TverskyLoss")},
+    **{name: "segtrain.losses.functional" for name in (
+        "cost_sensitive_cross_entropy", "cross_entropy", "dice", "focal", "jaccard", "tversky")},
+}
+
+
+def __getattr__(name):
+    """Loss classes and functions import TensorFlow, so they load on first use only."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'segtrain.losses' has no attribute {name!r}")
+
 
 __all__ = [
     "CombinedLoss",
@@ -42,7 +42,7 @@ __all__ = [
     "JaccardLoss",
     "SegmentationLoss",
     "TverskyLoss",
-    "TERM_CLASSES",
+    "TERM_CLASS_NAMES",
     "TERM_DEFAULTS",
     "build_loss",
     "cost_matrix_from_config",

@@ -24,7 +24,6 @@ import numpy as np
 
 from segtrain.class_weights import STRATEGIES
 from segtrain.errors import ConfigError
-from segtrain.losses import classes
 
 SECTION_KEYS = ("terms", "class_weights", "max_weight", "ignore_false_negatives")
 _COMMON = {"weight": 1.0, "use_class_weights": True, "ignore_false_negatives": []}
@@ -39,14 +38,16 @@ TERM_DEFAULTS = {
 }
 """Settings of each term (besides weight, use_class_weights, ignore_false_negatives)."""
 
-TERM_CLASSES = {
-    "cross_entropy": classes.CrossEntropy,
-    "cost_sensitive": classes.CostSensitiveCrossEntropy,
-    "focal": classes.FocalLoss,
-    "jaccard": classes.JaccardLoss,
-    "dice": classes.DiceLoss,
-    "tversky": classes.TverskyLoss,
+TERM_CLASS_NAMES = {
+    "cross_entropy": "CrossEntropy",
+    "cost_sensitive": "CostSensitiveCrossEntropy",
+    "focal": "FocalLoss",
+    "jaccard": "JaccardLoss",
+    "dice": "DiceLoss",
+    "tversky": "TverskyLoss",
 }
+"""Loss class (in `segtrain.losses.classes`) of each term; imported only by `build_loss`, so that
+validating a config does not import TensorFlow."""
 
 
 def _suggest(word, choices):
@@ -317,6 +318,8 @@ def build_loss(loss_config, class_names, class_weights=None):
     Returns:
         The term's loss when there is one term of weight 1, else a `CombinedLoss`.
     """
+    from segtrain.losses import classes
+
     class_names = list(class_names)
     loss_config = normalize_loss_config(loss_config, class_names)
     k = len(class_names)
@@ -333,7 +336,7 @@ def build_loss(loss_config, class_names, class_weights=None):
         kwargs = {k_: v for k_, v in term.items() if k_ in TERM_DEFAULTS[name]}
         if name == "cost_sensitive":
             kwargs = {"cost_matrix": _term_cost_matrix(term, k)}
-        loss = TERM_CLASSES[name](
+        loss = getattr(classes, TERM_CLASS_NAMES[name])(
             class_weights=class_weights if term["use_class_weights"] else None,
             ignore_false_negatives=_ignored(loss_config, term, class_names),
             **kwargs,
