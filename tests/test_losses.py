@@ -517,3 +517,29 @@ def test_combined_config_round_trip():
     loss = CombinedLoss([(1.0, CostSensitiveCrossEntropy(cost_matrix=[[0, 1, 2], [1, 0, 1], [5, 1, 0]])), (0.3, DiceLoss())])
     clone = keras.losses.deserialize(keras.losses.serialize(loss))
     assert value(clone, y, x) == pytest.approx(value(loss, y, x), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["jaccard", "dice", "tversky"])
+def test_ignore_false_negatives_still_rewards_hits_in_overlap_losses(name):
+    """Misses of an ignored-FN class are free, but its hits still lower an overlap loss."""
+    from segtrain.losses import functional as F
+
+    y_true = np.zeros((1, 1, 6), np.int32)
+    y_true[..., :3] = 1  # three foreground pixels
+    confident = 12.0
+
+    def logits(fg_pixels):  # one sigmoid channel: + at fg_pixels, - elsewhere
+        x = np.full((1, 1, 6, 1), -confident, np.float32)
+        x[0, 0, list(fg_pixels), 0] = confident
+        return x
+
+    loss = getattr(F, name)
+    free = dict(ignore_false_negatives=[1], smooth=1.0)
+    perfect = float(loss(y_true, logits([0, 1, 2]), **free))
+    all_missed = float(loss(y_true, logits([]), **free))
+    # without false positives a miss is free: both score (almost) zero
+    assert perfect == pytest.approx(0.0, abs=1e-4) and all_missed == pytest.approx(0.0, abs=1e-4)
+    # with the same false positive (pixel 5), hitting the three foreground pixels scores lower
+    hits_and_fp = float(loss(y_true, logits([0, 1, 2, 5]), **free))
+    misses_and_fp = float(loss(y_true, logits([5]), **free))
+    assert hits_and_fp < misses_and_fp - 0.05

@@ -233,21 +233,24 @@ def overlap_counts(
     Returns:
         tp, fp, fn, present: each (B, K) when `per_image`, else (K,). `present` is 1 for a
         class that has a true pixel or is the arg-max prediction of some pixel (the
-        metrics' rule); counts are over valid pixels not excluded by ignore_false_negatives.
+        metrics' rule). Pixels whose true class is in ignore_false_negatives add to that
+        class's TP (hits are still rewarded) but to no FN and no FP: missing them is free.
     """
     labels, valid, log_p, log_1mp = prepare(y_true, y_pred, from_logits, ignore_index)
     k = log_p.shape[-1]
+    counted = valid
     for c in ignore_false_negatives or ():
-        valid = valid * tf.cast(labels != int(c), tf.float32)
+        counted = counted * tf.cast(labels != int(c), tf.float32)
     valid = valid[..., None]
+    counted = counted[..., None]
     t = tf.one_hot(labels, k, dtype=tf.float32) * valid
     p = tf.exp(log_p) * valid
     q = tf.exp(log_1mp) * valid  # 1 - p, accurate also where p is close to 1
     hard = tf.one_hot(tf.argmax(log_p, axis=-1), k, dtype=tf.float32) * valid
     axes = [1, 2] if per_image else [0, 1, 2]
     tp = tf.reduce_sum(t * p, axis=axes)
-    fp = tf.reduce_sum((valid - t) * p, axis=axes)
-    fn = tf.reduce_sum(t * q, axis=axes)
+    fp = tf.reduce_sum((counted - t * counted) * p, axis=axes)
+    fn = tf.reduce_sum(t * counted * q, axis=axes)
     present = tf.cast(tf.reduce_sum(t + hard, axis=axes) > 0, tf.float32)
     return tp, fp, fn, present
 
