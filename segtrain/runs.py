@@ -27,15 +27,24 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to write into an existing run folder unless asked to resume or overwrite."""
     if resume and overwrite:
         raise CheckpointError("--resume and --overwrite contradict each other; pick one.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: exists and is not a folder; choose another --out.")
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume:
         if not (run_dir / "checkpoints").is_dir():
             raise CheckpointError(f"{run_dir}: no checkpoints to resume from. Run without --resume to start a new run.")
-    elif exists and not overwrite:
+    elif exists and not overwrite and not _non_chief_worker():
         raise CheckpointError(
             f"{run_dir}: run folder already exists. Use --resume to continue it, --overwrite to replace it, "
             "or --out DIR to write elsewhere."
         )
+
+
+def _non_chief_worker() -> bool:
+    """A non-chief worker of a multi-worker run (TF_CONFIG) never writes the run folder, so it need not be new."""
+    from segtrain.engine.devices import is_non_chief_process
+
+    return is_non_chief_process()
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -50,18 +59,26 @@ def write_json_atomic(data: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent, prefix=f".{path.stem}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_text_atomic(text: str, path: Path) -> None:
     """Write text through a temporary file in the same folder, then rename it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
@@ -71,10 +88,20 @@ def save_model_atomic(model: keras.Model, path: Path) -> None:
     os.close(fd)
     try:
         model.save(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a written file to disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def newest_run_dir() -> Path:

@@ -1,16 +1,25 @@
 """`segtrain fit`: check the inputs, prepare the run folder, train, and write the run's results.
 
-Every input check (config, data pairs, mask values, checkpoint compatibility) runs
-before the run folder is created or replaced, so bad input never touches an earlier run.
+Every input check (config, data pairs, every image decoded once, mask values,
+checkpoint compatibility) runs before the run folder is created or replaced, so bad
+input never touches an earlier run.
+
+Exact resume: the checkpoint (see `segtrain.engine.checkpoints.TrainingState`) is the
+commit point of an epoch. At an epoch end the history row, last.keras and best.keras
+are written first and the checkpoint last, so a run killed at any moment resumes from
+a checkpoint whose epoch's files are either all written or redone identically.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 import os
+import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,11 +29,18 @@ import numpy as np
 
 from segtrain.config import Config, save_config
 from segtrain.data.discovery import Pair, find_pairs
-from segtrain.data.images import image_channels
+from segtrain.data.images import image_channels, image_size, read_image
 from segtrain.data.masks import MaskMapping
 from segtrain.data.scan import scan_pairs
-from segtrain.errors import DataError, TrainingDiverged
-from segtrain.runs import RUN_INFO, prepare_run_dir, save_model_atomic, write_json_atomic, write_text_atomic
+from segtrain.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from segtrain.runs import (
+    RUN_INFO,
+    check_run_dir,
+    prepare_run_dir,
+    save_model_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 class Interrupted(click.ClickException):
@@ -45,24 +61,112 @@ class PreparedData:
     class_weights: Optional[np.ndarray]
 
 
+# ---------------------------------------------------------------------------- input checks
+
+
+def check_train_config(config: Config) -> None:
+    """Checks of the train settings that config.py leaves to the engine (ConfigError naming the key)."""
+    train = config.train
+    if train.schedule == "plateau":
+        if not 0.0 < train.plateau_factor < 1.0:
+            raise ConfigError(f"train.plateau_factor: must be between 0 and 1 (e.g. 0.5), got {train.plateau_factor}.")
+        if train.plateau_patience < 1:
+            raise ConfigError(f"train.plateau_patience: must be at least 1, got {train.plateau_patience}.")
+        if not 0.0 <= train.plateau_min_learning_rate <= train.learning_rate:
+            raise ConfigError(
+                f"train.plateau_min_learning_rate: must be between 0 and train.learning_rate "
+                f"({train.learning_rate}), got {train.plateau_min_learning_rate}."
+            )
+    if train.warmup_epochs < 0 or not math.isfinite(train.warmup_epochs):
+        raise ConfigError(f"train.warmup_epochs: must be 0 or more, got {train.warmup_epochs}.")
+    if train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: must be 0 or more, got {train.weight_decay}.")
+    if train.early_stopping_patience is not None and train.early_stopping_patience < 1:
+        raise ConfigError("train.early_stopping_patience: must be at least 1 (or null for no early stopping).")
+    if train.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints: must be at least 1.")
+    if train.checkpoint_every_steps is not None and train.checkpoint_every_steps < 1:
+        raise ConfigError("train.checkpoint_every_steps: must be at least 1 (or null for epoch ends only).")
+    columns = history_columns(config.data.classes)
+    if train.monitor not in columns:
+        close = difflib.get_close_matches(train.monitor, columns, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"train.monitor: {train.monitor!r} is not a history column.{hint} "
+            f"Use one of {', '.join(columns)}."
+        )
+
+
+def history_columns(classes: list[str]) -> list[str]:
+    """Columns of history.csv that can be monitored."""
+    columns = ["loss", "val_loss", "val_mean_iou", "val_pixel_accuracy"]
+    for name in classes:
+        columns += [f"val_iou_{name}", f"val_dice_{name}"]
+    return columns
+
+
+def _check_decodes(pairs: list[Pair], channels: int, max_pixels: int) -> None:
+    """Decode every image once (the class scan reads image headers only), in parallel threads.
+
+    A truncated image would otherwise fail inside the tf.data pipeline, after the run
+    folder was prepared. Sizes are checked against data.max_image_pixels from the header
+    first (Pillow itself only refuses images above twice its limit).
+    """
+    def check(pair: Pair) -> None:
+        for path in (pair.image, pair.mask):
+            height, width = image_size(path)
+            if height * width > max_pixels:
+                raise DataError(
+                    f"{path}: {width}x{height} = {width * height} pixels is more than data.max_image_pixels = "
+                    f"{max_pixels} and is refused as unsafe to decode. Raise data.max_image_pixels if the file is "
+                    "trusted, or tile it first."
+                )
+        read_image(pair.image, channels, max_pixels)
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(check, pairs):  # in order: the first bad pair is reported
+            pass
+
+
 def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> PreparedData:
-    """Find and check every pair, and count class pixels over the whole training set in one pass."""
-    from segtrain.class_weights import ClassCounter, class_stats_dict, resolve_class_weights
+    """Find and check every pair, and count class pixels over the whole training set in one pass.
+
+    On resume the counts cached in class_stats.json are reused (and the files are not
+    checked again); the weights are always recomputed from the counts, so they follow the
+    config's current loss.class_weights.
+    """
+    from segtrain.class_weights import ClassCounter, class_stats_dict
 
     data = config.data
     train_pairs = find_pairs(data.root, data.train_split)
     val_pairs = find_pairs(data.root, data.val_split)
     mapping = MaskMapping(data.mask, data.classes)
-    channels = image_channels(train_pairs[0].image)
+    counter = ClassCounter(len(data.classes))
     if cached_stats is None:
-        counter = ClassCounter(len(data.classes))
+        image_size(train_pairs[0].image)  # a clean DataError for an unreadable first image
+        channels = image_channels(train_pairs[0].image)
+        _check_decodes(train_pairs + val_pairs, channels, data.max_image_pixels)
         scan_pairs(train_pairs, mapping, data.max_image_pixels, counter, description="class statistics")
         scan_pairs(val_pairs, mapping, data.max_image_pixels, None, description="checking val masks")
-        stats = class_stats_dict(counter, data.classes, config.loss["class_weights"], config.loss["max_weight"])
     else:
-        stats = cached_stats
-    weights = resolve_class_weights(config.loss, data.classes, stats)
+        if list(cached_stats.get("classes", [])) != list(data.classes):
+            raise CheckpointError(
+                f"data.classes: the run was trained with classes {cached_stats.get('classes')} but the config names "
+                f"{list(data.classes)}. Resume with the run's own config.yaml, or start a new run with --out."
+            )
+        image_size(train_pairs[0].image)
+        channels = image_channels(train_pairs[0].image)
+        counter.counts[:] = cached_stats["counts"]
+        counter.image_pixels[:] = cached_stats["image_pixels"]
+        counter.num_images = cached_stats["num_images"]
+    strategy = config.loss["class_weights"]
+    stats = class_stats_dict(counter, data.classes, strategy, config.loss["max_weight"])
+    weights = None if strategy == "none" else np.asarray(stats["class_weights"], dtype=np.float32)
     return PreparedData(train_pairs, val_pairs, mapping, channels, stats, weights)
+
+
+# ---------------------------------------------------------------------------- history
 
 
 def _history_rows(path: Path, upto_epoch: int) -> list[dict]:
@@ -90,7 +194,7 @@ def _csv_value(value) -> str:
     return str(value)
 
 
-def _monitor_is_better(monitor: str, value: float, best: Optional[float]) -> bool:
+def _monitor_is_better(monitor: str, value: Optional[float], best: Optional[float]) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
     if best is None:
@@ -122,20 +226,22 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+# ---------------------------------------------------------------------------- fit
+
+
 def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
             config_path: Optional[Path] = None, log=click.echo) -> dict:
-    """Train from a checked config into run_dir; returns the final metrics dict."""
+    """Train from a checked config into run_dir; returns the final metrics dict.
+
+    The process-global settings it changes (Keras dtype policy, TF op determinism) are
+    restored when it returns.
+    """
     import keras
-    import tensorflow as tf
 
-    from segtrain.data.pipeline import DataSpec, evaluation_dataset, steps_per_epoch, training_dataset
-    from segtrain.engine.checkpoints import TrainingState
-    from segtrain.engine.devices import is_chief, make_strategy, set_precision
-    from segtrain.engine.trainer import Trainer, make_optimizer, make_schedule
-    from segtrain.losses import build_loss
-    from segtrain.metrics import metrics_from_confusion
-    from segtrain.model import build_unet, output_channels
+    from segtrain.engine.devices import configure_cpu_devices
 
+    check_train_config(config)
+    configure_cpu_devices()  # before anything initialises TensorFlow
     cached_stats = None
     stats_path = run_dir / "class_stats.json"
     if resume and stats_path.is_file():
@@ -146,21 +252,56 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
     for warning in prepared.class_stats.get("warnings", []):
         log(f"warning: {warning}")
 
+    previous_policy = keras.mixed_precision.global_policy().name
+    determinism_before = _op_determinism_enabled()
+    try:
+        return _fit(config, prepared, run_dir, resume, overwrite, config_path, log)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+        if config.train.deterministic and not determinism_before:
+            _disable_op_determinism()
+
+
+def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, overwrite: bool,
+         config_path: Optional[Path], log) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from segtrain.data.pipeline import (
+        DataSpec,
+        evaluation_dataset,
+        steps_per_epoch,
+        training_dataset,
+    )
+    from segtrain.engine.checkpoints import TrainingState
+    from segtrain.engine.devices import is_chief, make_strategy, set_precision
+    from segtrain.engine.trainer import (
+        PlateauState,
+        Trainer,
+        current_learning_rate,
+        make_optimizer,
+        make_schedule,
+    )
+    from segtrain.losses import build_loss
+    from segtrain.metrics import metrics_from_confusion
+    from segtrain.model import build_unet, output_channels
+
     train_cfg = config.train
+    # The strategy first: MultiWorkerMirroredStrategy must configure collectives before TF initialises.
+    strategy = make_strategy(train_cfg.distribute)
+    replicas = strategy.num_replicas_in_sync
+    if config.data.batch_size < replicas or config.data.batch_size % replicas:
+        raise ConfigError(
+            f"data.batch_size: the global batch of {config.data.batch_size} cannot be split evenly over "
+            f"{replicas} replicas; use a multiple of {replicas} (e.g. --set data.batch_size={replicas * max(1, config.data.batch_size // replicas)})."
+        )
+    chief = is_chief(strategy)
+    if chief:
+        check_run_dir(run_dir, resume, overwrite)
     if train_cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(train_cfg.seed)
     policy = set_precision(train_cfg.precision)
-    strategy = make_strategy(train_cfg.distribute)
-    replicas = strategy.num_replicas_in_sync
-    if config.data.batch_size < replicas or config.data.batch_size % replicas:
-        from segtrain.errors import ConfigError
-
-        raise ConfigError(
-            f"data.batch_size: {config.data.batch_size} cannot be split evenly over {replicas} replicas; "
-            f"use a multiple of {replicas}."
-        )
-    chief = is_chief(strategy)
     num_classes = len(config.data.classes)
     steps = steps_per_epoch(len(prepared.train_pairs), config.data.batch_size, train_cfg.steps_per_epoch)
     total_steps = steps * train_cfg.epochs
@@ -168,20 +309,25 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
     with strategy.scope():
         model = build_unet(prepared.channels, output_channels(num_classes), config.model.depth,
                            config.model.base_filters, config.model.batch_norm, config.model.dropout)
+        if replicas > 1:
+            _synchronize_batch_norm(model)
         loss_fn = build_loss(config.loss, config.data.classes, prepared.class_weights)
-        optimizer = make_optimizer(train_cfg, make_schedule(train_cfg, total_steps, steps), policy)
-        state = TrainingState(model, optimizer, run_dir / "checkpoints", train_cfg.keep_checkpoints)
+        lr_scale = tf.Variable(1.0, dtype=tf.float32, trainable=False, name="lr_scale")
+        optimizer = make_optimizer(train_cfg, make_schedule(train_cfg, total_steps, steps, lr_scale), policy)
+        optimizer.build(model.trainable_variables)
+        state = TrainingState(model, optimizer, run_dir / "checkpoints", train_cfg.keep_checkpoints,
+                              writer=chief, lr_scale=lr_scale)
         restored = state.restore_latest() if resume else None
     if resume and restored is None:
-        from segtrain.errors import CheckpointError
-
         raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint to resume from; run without --resume.")
 
     # Every input check has passed: only now is the run folder created or replaced.
+    created_run_dir = False
     if chief:
+        created_run_dir = overwrite or not run_dir.exists()
         prepare_run_dir(run_dir, resume, overwrite)
         save_config(config, run_dir / "config.yaml")
-        write_json_atomic(prepared.class_stats, stats_path)
+        write_json_atomic(prepared.class_stats, run_dir / "class_stats.json")
         write_json_atomic({"in_channels": prepared.channels, "num_classes": num_classes,
                            "precision": policy, "replicas": replicas,
                            "config_file": str(config_path) if config_path else None}, run_dir / RUN_INFO)
@@ -189,21 +335,26 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
     start_epoch = int(state.epoch.numpy()) if restored else 0
     global_step = int(state.step.numpy()) if restored else 0
     spec = DataSpec(config.data, prepared.mapping, prepared.channels, 2**config.model.depth, train_cfg.seed)
-    train_ds = training_dataset(prepared.train_pairs, spec, run_dir / "cache",
-                                start_element=global_step * config.data.batch_size)
+    scratch = None
+    cache_dir = run_dir / "cache"
+    if not chief:
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix="segtrain-worker-"))
+        cache_dir = scratch / "cache"
+    train_ds = training_dataset(prepared.train_pairs, spec, cache_dir, start_element=global_step * config.data.batch_size)
     val_ds = evaluation_dataset(prepared.val_pairs, spec, max(1, min(config.data.batch_size, 4)))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
     iterator = iter(strategy.experimental_distribute_dataset(train_ds))
-    trainer = Trainer(strategy, model, loss_fn, optimizer, num_classes)
+    trainer = Trainer(strategy, model, loss_fn, optimizer, num_classes, grad_clip_norm=train_cfg.grad_clip_norm)
+    plateau = PlateauState(train_cfg, state.lr_scale, state.plateau_wait) if train_cfg.schedule == "plateau" else None
 
     history_path = run_dir / "history.csv"
     rows = _history_rows(history_path, start_epoch) if restored else []
     monitor = train_cfg.monitor
-    best = None
-    best_epoch = 0
-    for row in rows:
-        value = float(row[monitor]) if row.get(monitor) not in (None, "") else None
-        if _monitor_is_better(monitor, value, best):
-            best, best_epoch = value, int(row["epoch"])
+    best, best_epoch = state.best_value, int(state.best_epoch.numpy())
     writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
     if restored:
         log(f"Resuming {run_dir} at epoch {start_epoch + 1}, step {global_step} (from {restored}).")
@@ -212,81 +363,120 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
 
     from tqdm import tqdm
 
+    def save_checkpoint(epoch_done: int, where: str) -> None:
+        if not trainer.weights_finite():
+            raise TrainingDiverged(
+                f"the weights became NaN or Inf {where} (global step {global_step}). The last good checkpoint is "
+                f"kept in {run_dir / 'checkpoints'}. Lower train.learning_rate or set train.grad_clip_norm."
+            )
+        state.epoch_loss_sum.assign(loss_sum)
+        state.epoch_loss_steps.assign(loss_steps)
+        state.best.assign(float("nan") if best is None else best)
+        state.best_epoch.assign(best_epoch)
+        state.save(epoch_done, global_step)
+
     final_metrics = {}
-    with _StopFlag() as stop:
-        epoch = start_epoch
-        while epoch < train_cfg.epochs:
-            step_in_epoch = global_step - epoch * steps
-            bar = tqdm(total=steps, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
-                       unit="step", dynamic_ncols=True, disable=None)
-            started = time.perf_counter()
-            losses = []
-            images_seen = 0
-            while step_in_epoch < steps:
-                try:
-                    result = trainer.train_step(iterator)
-                except tf.errors.OpError as exc:
-                    raise _data_error_from(exc) from None
-                if not result.finite:
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"loss became {result.loss} at epoch {epoch + 1}, step {step_in_epoch + 1} "
-                        f"(global step {global_step + 1}). The last good checkpoint is kept in "
-                        f"{run_dir / 'checkpoints'}. Lower train.learning_rate or set train.grad_clip_norm."
-                    )
-                losses.append(result.loss)
-                global_step += 1
-                step_in_epoch += 1
-                images_seen += config.data.batch_size
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}", img_s=f"{images_seen / max(elapsed, 1e-9):.1f}")
-                bar.update(1)
-                if stop.signal_name:
-                    bar.close()
-                    state.save(epoch, global_step)
-                    raise Interrupted(
-                        f"{stop.signal_name}: stopped at epoch {epoch + 1}, step {step_in_epoch}; checkpoint saved. "
-                        f"Resume with: segtrain fit {config_path or 'CONFIG'} --resume --out {run_dir}"
-                    )
-            bar.close()
-            epoch += 1
-            seconds = time.perf_counter() - started
-            row = {"epoch": epoch, "step": global_step, "loss": float(np.mean(losses)) if losses else None,
-                   "lr": float(_current_lr(optimizer)), "seconds": seconds,
-                   "images_per_second": images_seen / max(seconds, 1e-9)}
-            metrics = None
-            if epoch % train_cfg.validate_every == 0 or epoch == train_cfg.epochs:
-                val_loss, cm = trainer.validate(val_ds)
-                metrics = metrics_from_confusion(cm, config.data.classes)
-                row["val_loss"] = val_loss
-                row["val_mean_iou"] = metrics["mean_iou"]
-                row["val_pixel_accuracy"] = metrics["pixel_accuracy"]
-                for name, values in metrics["per_class"].items():
-                    row[f"val_iou_{name}"] = values["iou"]
-                    row[f"val_dice_{name}"] = values["dice"]
-            rows.append(row)
-            state.save(epoch, global_step)
-            if chief:
-                _write_history(rows, history_path)
-                save_model_atomic(model, run_dir / "last.keras")
+    first_step_done = False
+    try:
+        with _StopFlag() as stop:
+            epoch = start_epoch
+            while epoch < train_cfg.epochs:
+                step_in_epoch = global_step - epoch * steps
+                resumed_mid_epoch = restored and epoch == start_epoch and step_in_epoch > 0
+                loss_sum = float(state.epoch_loss_sum.numpy()) if resumed_mid_epoch else 0.0
+                loss_steps = int(state.epoch_loss_steps.numpy()) if resumed_mid_epoch else 0
+                bar = tqdm(total=steps, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                           unit="step", dynamic_ncols=True, disable=None)
+                started = time.perf_counter()
+                images_seen = 0
+                while step_in_epoch < steps:
+                    try:
+                        result = trainer.train_step(iterator)
+                    except tf.errors.OpError as exc:
+                        raise _data_error_from(exc) from None
+                    first_step_done = True
+                    if not result.finite:
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"loss became {result.loss} at epoch {epoch + 1}, step {step_in_epoch + 1} "
+                            f"(global step {global_step + 1}). The last good checkpoint is kept in "
+                            f"{run_dir / 'checkpoints'}. Lower train.learning_rate or set train.grad_clip_norm."
+                        )
+                    loss_sum += result.loss
+                    loss_steps += 1
+                    global_step += 1
+                    step_in_epoch += 1
+                    images_seen += config.data.batch_size
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{loss_sum / loss_steps:.4f}",
+                                    img_s=f"{images_seen / max(elapsed, 1e-9):.1f}")
+                    bar.update(1)
+                    if trainer.stop_agreed(stop.signal_name is not None):
+                        bar.close()
+                        where = f"at epoch {epoch + 1}, step {step_in_epoch}"
+                        save_checkpoint(epoch, where)
+                        raise _interrupted(stop, where, config_path, run_dir)
+                    every = train_cfg.checkpoint_every_steps
+                    if every and global_step % every == 0 and step_in_epoch < steps:
+                        save_checkpoint(epoch, f"at epoch {epoch + 1}, step {step_in_epoch}")
+                bar.close()
+                epoch += 1
+                seconds = time.perf_counter() - started
+                row = {"epoch": epoch, "step": global_step, "loss": loss_sum / loss_steps if loss_steps else None,
+                       "lr": current_learning_rate(optimizer), "seconds": seconds,
+                       "images_per_second": images_seen / max(seconds, 1e-9)}
+                metrics = None
+                validated = epoch % train_cfg.validate_every == 0 or epoch == train_cfg.epochs
+                if validated:
+                    try:
+                        val_loss, cm = trainer.validate(val_ds)
+                    except tf.errors.OpError as exc:
+                        raise _data_error_from(exc) from None
+                    metrics = metrics_from_confusion(cm, config.data.classes)
+                    row["val_loss"] = val_loss
+                    row["val_mean_iou"] = metrics["mean_iou"]
+                    row["val_pixel_accuracy"] = metrics["pixel_accuracy"]
+                    for name, values in metrics["per_class"].items():
+                        row[f"val_iou_{name}"] = values["iou"]
+                        row[f"val_dice_{name}"] = values["dice"]
+                rows.append(row)
                 value = row.get(monitor)
-                if _monitor_is_better(monitor, value, best):
+                improved = _monitor_is_better(monitor, value, best)
+                if improved:
                     best, best_epoch = value, epoch
-                    save_model_atomic(model, run_dir / "best.keras")
-                with writer.as_default():
-                    for key, value in row.items():
-                        if key != "epoch" and isinstance(value, (int, float)) and value is not None:
-                            tf.summary.scalar(key, value, step=epoch)
-                writer.flush()
-                _plot_history(rows, run_dir / "history.png")
-            summary = f"epoch {epoch}: loss {row['loss']:.4f}"
-            if metrics is not None:
-                summary += f", val_loss {row['val_loss']:.4f}, val_mean_iou {row['val_mean_iou']:.4f}"
-            log(summary)
-            patience = train_cfg.early_stopping_patience
-            if patience is not None and best_epoch and epoch - best_epoch >= patience:
-                log(f"Early stopping: {monitor} has not improved for {patience} epochs (best {best:.4f} at epoch {best_epoch}).")
-                break
+                lowered = plateau.update(improved) if plateau is not None and validated else None
+                if chief:  # the epoch's files first, the checkpoint (the commit point) last
+                    _write_history(rows, history_path)
+                    save_model_atomic(model, run_dir / "last.keras")
+                    if improved:
+                        save_model_atomic(model, run_dir / "best.keras")
+                    _write_scalars(writer, row, epoch)
+                    _plot_history(rows, run_dir / "history.png")
+                loss_sum, loss_steps = 0.0, 0
+                save_checkpoint(epoch, f"after epoch {epoch}")
+                if trainer.stop_agreed(stop.signal_name is not None):  # a signal during validation or saving
+                    raise _interrupted(stop, f"after epoch {epoch}", config_path, run_dir)
+                summary = f"epoch {epoch}: loss {row['loss']:.4f}"
+                if metrics is not None:
+                    summary += f", val_loss {row['val_loss']:.4f}, val_mean_iou {row['val_mean_iou']:.4f}"
+                log(summary)
+                if lowered is not None:
+                    log(f"{monitor} has not improved for {train_cfg.plateau_patience} validated epoch(s): "
+                        f"learning rate lowered to {current_learning_rate(optimizer):.3g}.")
+                patience = train_cfg.early_stopping_patience
+                if patience is not None and best_epoch and epoch - best_epoch >= patience:
+                    log(f"Early stopping: {monitor} has not improved for {patience} epochs "
+                        f"(best {best:.4f} at epoch {best_epoch}).")
+                    break
+    except DataError:
+        # A file that passed the checks failed in the pipeline (changed on disk?): remove a run folder
+        # this run created before it trained anything; never one that existed before.
+        if chief and created_run_dir and not first_step_done and not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if chief:
         if not (run_dir / "best.keras").exists():
             save_model_atomic(model, run_dir / "best.keras")
@@ -301,10 +491,51 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
     return final_metrics
 
 
-def _current_lr(optimizer) -> float:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    lr = inner.learning_rate
-    return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+def _interrupted(stop: _StopFlag, where: str, config_path: Optional[Path], run_dir: Path) -> Interrupted:
+    reason = stop.signal_name or "a signal on another worker"
+    return Interrupted(
+        f"{reason}: stopped {where}; checkpoint saved. "
+        f"Resume with: segtrain fit {config_path or 'CONFIG'} --resume --out {run_dir}"
+    )
+
+
+def _synchronize_batch_norm(model) -> None:
+    """BatchNorm statistics over the global batch (all replicas), as on one device; saved in the .keras config."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
+def _op_determinism_enabled() -> bool:
+    try:
+        from tensorflow.python.framework.config import is_op_determinism_enabled
+    except ImportError:  # pragma: no cover - private API moved
+        return False
+    return bool(is_op_determinism_enabled())
+
+
+def _disable_op_determinism() -> None:
+    try:
+        from tensorflow.python.framework.config import disable_op_determinism
+    except ImportError:  # pragma: no cover - private API moved
+        return
+    disable_op_determinism()
+
+
+def _write_scalars(writer, row: dict, epoch: int) -> None:
+    """TensorBoard scalars through TF's own summary writer (the `tensorboard` package is only needed to view them)."""
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    with writer.as_default():
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                tf.summary.write(key, tf.constant(float(value)), step=epoch, metadata=metadata.SerializeToString())
+    writer.flush()
 
 
 def _plot_history(rows: list[dict], path: Path) -> None:

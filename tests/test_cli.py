@@ -165,7 +165,7 @@ def test_bad_input_exits_2_with_one_message_and_run_untouched(trained, tmp_path,
     overrides = {
         "unknown_key": ["--set", "train.epohcs=3"],
         "missing_root": ["--set", f"data.root={tmp_path / 'nowhere'}"],
-        "bad_mask_value": ["--set", f"data.root={bad_root}", "--set", "data.mask={values: {0: 0}}"],
+        "bad_mask_value": ["--set", f"data.root={bad_root}", "--set", "data.mask={values: {0: 0, 254: 1}}"],
         "bad_crop": ["--set", "data.crop=10"],
     }[case]
     result = invoke("fit", config, "--out", run, "--overwrite", *overrides)

@@ -1,30 +1,80 @@
-"""Choosing the tf.distribute strategy and the mixed-precision policy from the config."""
+"""Choosing the tf.distribute strategy and the mixed-precision policy from the config.
+
+`SEGTRAIN_CPU_DEVICES=N` (environment) splits the CPU into N logical devices before
+TensorFlow initialises, so `train.distribute: mirrored` runs N replicas on a machine
+without GPUs (tests, debugging a multi-GPU config on a laptop). It must be set before
+the process starts; segtrain applies it at the start of `fit`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import keras
 import tensorflow as tf
 
 from segtrain.errors import ConfigError
 
+CPU_DEVICES_ENV = "SEGTRAIN_CPU_DEVICES"
+
+
+def configure_cpu_devices() -> int:
+    """Apply SEGTRAIN_CPU_DEVICES (if set) and return the number of logical CPU devices asked for (1 if unset)."""
+    text = os.environ.get(CPU_DEVICES_ENV, "").strip()
+    if not text:
+        return 1
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"{CPU_DEVICES_ENV}={text!r}: expected a positive integer (the number of logical CPU devices).")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    wanted = [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if len(current or [None]) == count:
+        return count
+    try:
+        tf.config.set_logical_device_configuration(cpu, wanted)
+    except RuntimeError:
+        raise ConfigError(
+            f"{CPU_DEVICES_ENV}={count}: TensorFlow was already initialised in this process, so the CPU can no "
+            "longer be split; set the variable before starting segtrain."
+        ) from None
+    return count
+
+
+def _tf_config() -> Optional[dict]:
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ConfigError("TF_CONFIG: not valid JSON; see the README's multi-machine section.") from None
+    if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict):
+        raise ConfigError('TF_CONFIG: expected {"cluster": {...}, "task": {"type": ..., "index": ...}}.')
+    return value
+
 
 def make_strategy(distribute: str) -> tf.distribute.Strategy:
-    """auto: MirroredStrategy with several GPUs, else the default strategy; multi_worker reads TF_CONFIG."""
-    gpus = tf.config.list_logical_devices("GPU")
+    """The tf.distribute strategy for `train.distribute`; create it before any other TensorFlow work.
+
+    auto: MirroredStrategy when more than one GPU is visible, else the default strategy.
+    none: the default strategy (one device). mirrored: MirroredStrategy over every GPU
+    (or every logical CPU device when there is no GPU). multi_worker:
+    MultiWorkerMirroredStrategy over the cluster in TF_CONFIG.
+    """
     if distribute == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
+        if _tf_config() is None:
             raise ConfigError(
                 "train.distribute: multi_worker needs the cluster in the TF_CONFIG environment variable "
                 '(e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}).'
             )
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except ValueError:
-            raise ConfigError("TF_CONFIG: not valid JSON; see the README's multi-machine section.") from None
         return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
     if distribute == "mirrored" or (distribute == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
@@ -39,16 +89,41 @@ def resolve_precision(precision: str) -> str:
 
 
 def set_precision(precision: str) -> str:
-    """Set Keras's global dtype policy and return its name."""
+    """Set Keras's global dtype policy and return its name (process-global: callers restore it when done)."""
     policy = resolve_precision(precision)
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """True on the worker that writes the run folder (always true off multi-worker)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    """True on the worker that writes the run folder (always true off multi-worker).
+
+    With a `chief` task in the cluster, only the chief; otherwise worker 0 (TF's convention).
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type is None or task_type == "chief" or (task_type == "worker" and task_id == 0)
+    resolver = strategy.cluster_resolver
+    return _is_chief_task(resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id)
+
+
+def _is_chief_task(cluster: dict, task_type: Optional[str], task_id: Optional[int]) -> bool:
+    if task_type is None:
+        return True
+    if "chief" in cluster:
+        return task_type == "chief"
+    return task_type == "worker" and int(task_id or 0) == 0
+
+
+def is_non_chief_process() -> bool:
+    """True when TF_CONFIG names this process as a task other than the chief (it must not write the run folder).
+
+    Read from the environment only (no TensorFlow work), so the CLI can decide before training starts.
+    """
+    try:
+        config = _tf_config()
+    except ConfigError:
+        return False
+    if config is None or not isinstance(config.get("task"), dict):
+        return False
+    task = config["task"]
+    return not _is_chief_task(config["cluster"], task.get("type"), task.get("index"))

@@ -1,0 +1,203 @@
+"""Bad input through the CLI: exit code 2, one message naming the culprit and the fix, no traceback, and every
+existing run folder byte-for-byte untouched (fit is asked to --overwrite it, so an early deletion would show)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import make_stripes_dataset
+from tests.test_engine import folder_digest, invoke, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad")
+    root = make_stripes_dataset(base / "data", n_train=4, n_val=2)
+    config = write_config(base / "tiny.yaml", root, train={"epochs": 1, "steps_per_epoch": 1})
+    run = base / "run"
+    result = invoke("fit", config, "--out", run)
+    assert result.exit_code == 0, result.output
+    return base, root, config, run, folder_digest(run)
+
+
+def _data_copy(ctx):
+    root = ctx["tmp"] / "data"
+    shutil.copytree(ctx["root"], root)
+    return root
+
+
+def _with_data(edit):
+    """A case that edits a copy of the data set and points data.root at it."""
+    def case(ctx):
+        root = _data_copy(ctx)
+        edit(root)
+        return ["--set", f"data.root={root}"]
+    return case
+
+
+def _truncate(path, keep=0.6):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _rgb_mask(root):
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[:, :8] = [255, 0, 0]
+    Image.fromarray(mask).save(root / "train" / "masks" / "img01.png")
+
+
+def _empty(root):
+    for sub in ("images", "masks"):
+        for path in (root / "train" / sub).iterdir():
+            path.unlink()
+
+
+def _bad_yaml(ctx):
+    path = ctx["tmp"] / "broken.yaml"
+    path.write_text("data:\n  root: x\n  classes: [a, b\ntrain: {epochs: 1}\n")
+    ctx["config"] = path
+    return []
+
+
+def _three_classes():
+    return ["--set", "data.classes=[background, stripe, other]",
+            "--set", "data.mask={values: {0: 0, 255: 1, 128: 2}}"]
+
+
+def _stub_replicas(ctx):
+    class TwoReplicas:  # only the batch check runs before the error
+        num_replicas_in_sync = 2
+
+    ctx["monkeypatch"].setattr("segtrain.engine.devices.make_strategy", lambda distribute: TwoReplicas())
+    return ["--set", "data.batch_size=1"]
+
+
+def _tf_config(value):
+    def case(ctx):
+        if value is None:
+            ctx["monkeypatch"].delenv("TF_CONFIG", raising=False)
+        else:
+            ctx["monkeypatch"].setenv("TF_CONFIG", value)
+        return ["--set", "train.distribute=multi_worker"]
+    return case
+
+
+def _cpu_env(ctx):
+    ctx["monkeypatch"].setenv("SEGTRAIN_CPU_DEVICES", "two")
+    return []
+
+
+FIT_CASES = {
+    # case: (extra fit arguments from ctx, expected text in the one message)
+    "missing_root": (lambda ctx: ["--set", f"data.root={ctx['tmp'] / 'nowhere'}"], "data set folder not found"),
+    "missing_split": (_with_data(lambda r: shutil.rmtree(r / "val")), "split folder not found"),
+    "missing_masks_folder": (_with_data(lambda r: shutil.rmtree(r / "train" / "masks")), "masks: folder not found"),
+    "empty_folders": (_with_data(_empty), "no images found"),
+    "image_without_mask": (_with_data(lambda r: shutil.copy(r / "train/images/img00.png", r / "train/images/x.png")),
+                           "x.png: no mask with the same stem"),
+    "mask_without_image": (_with_data(lambda r: shutil.copy(r / "train/masks/img00.png", r / "train/masks/y.png")),
+                           "y.png: no image with the same stem"),
+    "corrupt_first_image": (_with_data(lambda r: (r / "train/images/img00.png").write_bytes(b"not a png" * 50)),
+                            "img00.png: cannot read the image"),
+    # the header is intact (the class scan reads headers only): caught by the full decode check
+    "truncated_image": (_with_data(lambda r: _truncate(r / "train/images/img02.png")), "img02.png: cannot read the image"),
+    "truncated_val_image": (_with_data(lambda r: _truncate(r / "val/images/img01.png")), "img01.png: cannot read the image"),
+    "non_image_file": (_with_data(lambda r: (r / "train/images/notes.txt").write_text("x")),
+                       "notes.txt: not a supported image file"),
+    "size_mismatch": (_with_data(lambda r: Image.fromarray(np.zeros((16, 16), np.uint8)).save(r / "train/masks/img03.png")),
+                      "Masks must match their images"),
+    "unmapped_mask_values": (lambda ctx: ["--set", "data.mask={values: {0: 0, 254: 1}}"], "values 255 are not covered"),
+    "rgb_mask_without_palette": (_with_data(_rgb_mask), "Set data.mask.palette"),
+    # 32 x 32 = 1024 pixels: over the limit, under the 2x where Pillow itself would refuse
+    "image_too_large": (lambda ctx: ["--set", "data.max_image_pixels=1000"], "more than data.max_image_pixels = 1000"),
+    "yaml_syntax_error": (_bad_yaml, "YAML syntax error at line"),
+    "unknown_key": (lambda ctx: ["--set", "train.epohcs=3"], "train.epohcs: unknown key. Did you mean 'epochs'?"),
+    "wrong_type": (lambda ctx: ["--set", "train.epochs=many"], "train.epochs: expected int"),
+    "negative_term_weight": (lambda ctx: ["--set", "loss={terms: [{name: cross_entropy, weight: -1}]}"],
+                             "loss.terms[0].weight: must be >= 0.0"),
+    "negative_class_weight": (lambda ctx: ["--set", "loss={terms: [cross_entropy], class_weights: [1, -1]}"],
+                              "loss.class_weights[1]: must be >= 0.0"),
+    "negative_cost": (lambda ctx: ["--set", "loss={terms: [{name: cost_sensitive, fn_cost: [1, -2]}]}"],
+                      "fn_cost[1]: must be >= 0.0"),
+    "cost_matrix_shape": (lambda ctx: ["--set", "loss={terms: [{name: cost_sensitive, cost_matrix: [[0, 1, 1], [1, 0, 1]]}]}"],
+                          "cost_matrix: expected a 2 x 2"),
+    "cost_matrix_diagonal": (lambda ctx: ["--set", "loss={terms: [{name: cost_sensitive, cost_matrix: [[1, 1], [1, 0]]}]}"],
+                             "cost_matrix[0][0]: the diagonal must be 0"),
+    "crop_not_divisible": (lambda ctx: ["--set", "data.crop=10"], "data.crop: 10 is not a positive multiple of 2**model.depth = 4"),
+    "batch_smaller_than_replicas": (_stub_replicas, "data.batch_size: the global batch of 1 cannot be split evenly over 2 replicas"),
+    "unknown_monitor": (lambda ctx: ["--set", "train.monitor=val_miou"], "Did you mean 'val_mean_iou'?"),
+    "plateau_factor": (lambda ctx: ["--set", "train.schedule=plateau", "--set", "train.plateau_factor=2"],
+                       "train.plateau_factor: must be between 0 and 1"),
+    "cpu_devices_env": (_cpu_env, "SEGTRAIN_CPU_DEVICES='two': expected a positive integer"),
+    "multi_worker_without_tf_config": (_tf_config(None), "multi_worker needs the cluster in the TF_CONFIG"),
+    "multi_worker_bad_tf_config": (_tf_config("{not json"), "TF_CONFIG: not valid JSON"),
+}
+
+
+def _assert_one_clean_error(result, expected):
+    assert result.exit_code == 2, result.output
+    assert expected in result.output, result.output
+    assert result.output.count("Error:") == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", sorted(FIT_CASES))
+def test_fit_refuses_bad_input_and_leaves_the_run_untouched(trained, tmp_path, monkeypatch, case):
+    _, root, config, run, digest = trained
+    ctx = {"tmp": tmp_path, "root": root, "config": config, "monkeypatch": monkeypatch}
+    make_args, expected = FIT_CASES[case]
+    extra = make_args(ctx)
+    result = invoke("fit", ctx["config"], "--out", run, "--overwrite", *extra)
+    _assert_one_clean_error(result, expected)
+    assert folder_digest(run) == digest
+    # and no new run folder either
+    result = invoke("fit", ctx["config"], "--out", tmp_path / "new", *extra)
+    _assert_one_clean_error(result, expected)
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_with_other_classes_is_refused(trained, tmp_path):
+    _, _, config, run, digest = trained
+    result = invoke("fit", config, "--out", run, "--resume", *_three_classes())
+    _assert_one_clean_error(result, "the run was trained with classes ['background', 'stripe']")
+    assert "Resume with the run's own config.yaml" in result.output
+    assert folder_digest(run) == digest
+    # without the cached class statistics the checkpoint itself does not match
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "class_stats.json").unlink()
+    before = folder_digest(copy)
+    result = invoke("fit", config, "--out", copy, "--resume", *_three_classes())
+    _assert_one_clean_error(result, "checkpoint does not match this config's model")
+    assert folder_digest(copy) == before
+
+
+def test_eval_with_other_classes_is_refused(trained, tmp_path):
+    run = trained[3]
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    saved["data"]["classes"] = ["background", "stripe", "other"]
+    saved["data"]["mask"] = {"values": {0: 0, 255: 1, 128: 2}, "threshold": None, "palette": None, "ignore": []}
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = folder_digest(copy)
+    result = invoke("eval", "--checkpoint", copy)
+    _assert_one_clean_error(result, "output channel(s) but the config names 3 classes")
+    assert folder_digest(copy) == before
+
+
+def test_an_image_that_breaks_inside_the_pipeline_is_a_clean_error_and_leaves_no_run_folder(trained, tmp_path,
+                                                                                            monkeypatch):
+    """A file that passed the checks but fails to decode in tf.data (e.g. changed on disk meanwhile)."""
+    _, root, config, _, _ = trained
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    _truncate(data / "train" / "images" / "img02.png")
+    monkeypatch.setattr("segtrain.train._check_decodes", lambda *args: None)
+    result = invoke("fit", config, "--out", tmp_path / "new", "--set", f"data.root={data}")
+    _assert_one_clean_error(result, "img02.png: cannot read the image")
+    assert not (tmp_path / "new").exists()  # the folder this run had just created is removed
