@@ -110,6 +110,7 @@ def stats(config_path, overrides, as_json):
     from segtrain.class_weights import ClassCounter, class_stats_dict, format_stats_table
     from segtrain.config import load_config
     from segtrain.data.discovery import find_pairs
+    from segtrain.data.images import image_channels
     from segtrain.data.masks import MaskMapping
     from segtrain.data.scan import scan_pairs
 
@@ -118,7 +119,8 @@ def stats(config_path, overrides, as_json):
     pairs = find_pairs(data.root, data.train_split)
     mapping = MaskMapping(data.mask, data.classes)
     counter = ClassCounter(len(data.classes))
-    scan_pairs(pairs, mapping, data.max_image_pixels, counter, description=None if as_json else "counting")
+    channels = image_channels(pairs[0].image)
+    scan_pairs(pairs, mapping, channels, data.max_image_pixels, counter, description=None if as_json else "counting")
     result = class_stats_dict(counter, data.classes, config.loss["class_weights"], config.loss["max_weight"])
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -15,11 +15,9 @@ from __future__ import annotations
 import csv
 import difflib
 import math
-import os
 import shutil
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,7 +27,7 @@ import numpy as np
 
 from segtrain.config import Config, save_config
 from segtrain.data.discovery import Pair, find_pairs
-from segtrain.data.images import image_channels, image_size, read_image
+from segtrain.data.images import image_channels
 from segtrain.data.masks import MaskMapping
 from segtrain.data.scan import scan_pairs
 from segtrain.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
@@ -105,30 +103,6 @@ def history_columns(classes: list[str]) -> list[str]:
     return columns
 
 
-def _check_decodes(pairs: list[Pair], channels: int, max_pixels: int) -> None:
-    """Decode every image once (the class scan reads image headers only), in parallel threads.
-
-    A truncated image would otherwise fail inside the tf.data pipeline, after the run
-    folder was prepared. Sizes are checked against data.max_image_pixels from the header
-    first (Pillow itself only refuses images above twice its limit).
-    """
-    def check(pair: Pair) -> None:
-        for path in (pair.image, pair.mask):
-            height, width = image_size(path)
-            if height * width > max_pixels:
-                raise DataError(
-                    f"{path}: {width}x{height} = {width * height} pixels is more than data.max_image_pixels = "
-                    f"{max_pixels} and is refused as unsafe to decode. Raise data.max_image_pixels if the file is "
-                    "trusted, or tile it first."
-                )
-        read_image(pair.image, channels, max_pixels)
-
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(check, pairs):  # in order: the first bad pair is reported
-            pass
-
-
 def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> PreparedData:
     """Find and check every pair, and count class pixels over the whole training set in one pass.
 
@@ -144,18 +118,15 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> Prepare
     mapping = MaskMapping(data.mask, data.classes)
     counter = ClassCounter(len(data.classes))
     if cached_stats is None:
-        image_size(train_pairs[0].image)  # a clean DataError for an unreadable first image
         channels = image_channels(train_pairs[0].image)
-        _check_decodes(train_pairs + val_pairs, channels, data.max_image_pixels)
-        scan_pairs(train_pairs, mapping, data.max_image_pixels, counter, description="class statistics")
-        scan_pairs(val_pairs, mapping, data.max_image_pixels, None, description="checking val masks")
+        scan_pairs(train_pairs, mapping, channels, data.max_image_pixels, counter, description="class statistics")
+        scan_pairs(val_pairs, mapping, channels, data.max_image_pixels, None, description="checking val pairs")
     else:
         if list(cached_stats.get("classes", [])) != list(data.classes):
             raise CheckpointError(
                 f"data.classes: the run was trained with classes {cached_stats.get('classes')} but the config names "
                 f"{list(data.classes)}. Resume with the run's own config.yaml, or start a new run with --out."
             )
-        image_size(train_pairs[0].image)
         channels = image_channels(train_pairs[0].image)
         counter.counts[:] = cached_stats["counts"]
         counter.image_pixels[:] = cached_stats["image_pixels"]

@@ -141,3 +141,30 @@ def test_membrane_mapping_makes_membrane_the_minority():
     masks = [load_mask(p, mapping, 10**8) for p in pairs]
     fraction = np.mean([np.mean(m == config.data.classes.index("membrane")) for m in masks])
     assert 0.15 < fraction < 0.30  # about 22% of pixels are membrane
+
+
+def test_scan_decodes_images_and_reports_the_first_bad_pair(tmp_path):
+    from segtrain.class_weights import ClassCounter
+    from segtrain.data.scan import scan_pairs
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        noise = rng.integers(0, 255, (64, 64)).astype(np.uint8)  # incompressible: a long pixel stream
+        write_pair(tmp_path, "train", f"p{i}", noise, np.zeros((64, 64), np.uint8))
+    pairs = find_pairs(tmp_path, "train")
+    mapping = MaskMapping(MaskConfig(threshold=127), ["bg", "fg"])
+    counter = ClassCounter(2)
+    scan_pairs(pairs, mapping, 1, 10**8, counter)
+    assert counter.counts.tolist() == [5 * 64 * 64, 0]
+    image = tmp_path / "train" / "images" / "p3.png"
+    image.write_bytes(image.read_bytes()[:2000])  # header intact, pixel data truncated
+    with pytest.raises(DataError, match="p3.png"):
+        scan_pairs(pairs, mapping, 1, 10**8, ClassCounter(2))
+
+
+def test_pixel_limit_is_exact(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(path)
+    assert read_image(path, 1, max_pixels=100).shape == (10, 10, 1)
+    with pytest.raises(DataError, match="10x10 = 100 pixels is more than data.max_image_pixels = 99"):
+        read_image(path, 1, max_pixels=99)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,25 @@ from segtrain.errors import DataError
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
+def _too_large(path: Path, width: int, height: int, max_pixels: int) -> DataError:
+    return DataError(
+        f"{path}: {width}x{height} = {width * height} pixels is more than data.max_image_pixels = {max_pixels} "
+        "and is refused as unsafe to decode. Raise data.max_image_pixels if the file is trusted, or tile it first."
+    )
+
+
 def _open(path: Path, max_pixels: int) -> Image.Image:
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    """Open and decode an image; the pixel limit is checked from the header, before decoding."""
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+        width, height = image.size
+        if width * height > max_pixels:
+            raise _too_large(path, width, height, max_pixels)
         image.load()
-    except Image.DecompressionBombError:
-        raise DataError(
-            f"{path}: the image is larger than data.max_image_pixels = {max_pixels} pixels and is refused "
-            "as unsafe to decode. Raise data.max_image_pixels if the file is trusted, or tile it first."
-        ) from None
+    except Image.DecompressionBombError:  # Pillow's own guard, far above any sane max_pixels
+        raise _too_large(path, *Image.open(path).size, max_pixels) from None
     except FileNotFoundError:
         raise DataError(f"{path}: file not found.") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -31,10 +41,13 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return image
 
 
-def image_channels(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """1 for a grayscale image, 3 for colour (alpha dropped)."""
-    with Image.open(path) as image:
-        return 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+def image_channels(path: Path) -> int:
+    """1 for a grayscale image, 3 for colour (alpha dropped); read from the header."""
+    try:
+        with Image.open(path) as image:
+            return 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the image ({exc}). Replace or remove the corrupt file.") from None
 
 
 def image_size(path: Path) -> tuple[int, int]:

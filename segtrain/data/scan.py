@@ -1,14 +1,16 @@
-"""One streaming pass over a split: checks every pair and counts class pixels."""
+"""One streaming pass over a split: decodes and checks every pair, and counts class pixels."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from segtrain.data.discovery import Pair
-from segtrain.data.images import image_size, read_raw_mask
+from segtrain.data.images import image_size, read_image, read_raw_mask
 from segtrain.data.masks import MaskMapping
 from segtrain.errors import DataError
 
@@ -25,11 +27,28 @@ def load_mask(pair: Pair, mapping: MaskMapping, max_pixels: int) -> np.ndarray:
     return mapping.to_classes(raw, pair.mask)
 
 
-def scan_pairs(pairs: list[Pair], mapping: MaskMapping, max_pixels: int, counter=None,
+def check_pair(pair: Pair, mapping: MaskMapping, channels: int, max_pixels: int) -> np.ndarray:
+    """Decode the image fully (a truncated file fails here, not mid-training) and return the class mask."""
+    read_image(pair.image, channels, max_pixels)
+    return load_mask(pair, mapping, max_pixels)
+
+
+def scan_pairs(pairs: list[Pair], mapping: MaskMapping, channels: int, max_pixels: int, counter=None,
                description: Optional[str] = None) -> None:
-    """Check all pairs (readable, same size, mask values covered); feed each class mask to `counter`."""
-    iterator = tqdm(pairs, desc=description, unit="mask", leave=False, disable=True if description is None else None)
-    for pair in iterator:
-        classes = load_mask(pair, mapping, max_pixels)
-        if counter is not None:
-            counter.update(classes)
+    """Check all pairs (readable, same size, mask values covered); feed each class mask to `counter`.
+
+    Files are decoded by a few threads (Pillow releases the GIL while decoding), in a
+    bounded window, so memory does not grow with the data set; the first bad pair in
+    file order is the one reported.
+    """
+    workers = max(1, min(8, os.cpu_count() or 1))
+    bar = tqdm(total=len(pairs), desc=description, unit="pair", leave=False,
+               disable=True if description is None else None)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(pairs), 4 * workers):
+            window = pairs[start : start + 4 * workers]
+            for classes in pool.map(lambda p: check_pair(p, mapping, channels, max_pixels), window):
+                if counter is not None:
+                    counter.update(classes)
+                bar.update(1)
+    bar.close()
