@@ -25,7 +25,7 @@ from typing import Optional
 import click
 import numpy as np
 
-from segtrain.config import Config, save_config
+from segtrain.config import Config, decision_cost_matrix, save_config
 from segtrain.data.discovery import Pair, find_pairs
 from segtrain.data.images import image_channels
 from segtrain.data.masks import MaskMapping
@@ -250,6 +250,7 @@ def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, ov
         PlateauState,
         Trainer,
         current_learning_rate,
+        logits_labeler,
         make_optimizer,
         make_schedule,
     )
@@ -319,7 +320,9 @@ def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, ov
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
     iterator = iter(strategy.experimental_distribute_dataset(train_ds))
-    trainer = Trainer(strategy, model, loss_fn, optimizer, num_classes, grad_clip_norm=train_cfg.grad_clip_norm)
+    labeler = logits_labeler(config.predict.decision, config.predict.threshold, decision_cost_matrix(config))
+    trainer = Trainer(strategy, model, loss_fn, optimizer, num_classes, grad_clip_norm=train_cfg.grad_clip_norm,
+                      labeler=labeler)  # validation decides like eval, so best.keras is chosen by the reported rule
     plateau = PlateauState(train_cfg, state.lr_scale, state.plateau_wait) if train_cfg.schedule == "plateau" else None
 
     history_path = run_dir / "history.csv"

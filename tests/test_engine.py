@@ -354,3 +354,20 @@ def test_only_the_chief_writes(monkeypatch, cluster, task, chief):
     assert _is_chief_task(cluster, task["type"], task["index"]) is chief
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
     assert is_non_chief_process() is (not chief)
+
+
+def test_validation_labeler_follows_the_decision_rule():
+    """Validation in fit decides like eval: a threshold or cost rule, not always argmax."""
+    import tensorflow as tf
+
+    from segtrain.engine.trainer import logits_labeler
+
+    logits = tf.constant([[[[-2.0], [-0.5], [0.5]]]])  # p_fg = 0.12, 0.38, 0.62
+    assert logits_labeler("argmax")(logits).numpy().ravel().tolist() == [0, 0, 1]
+    assert logits_labeler("threshold", 0.3)(logits).numpy().ravel().tolist() == [0, 1, 1]
+    # fp = 1, fn = 4: foreground when p_fg > 1 / (1 + 4) = 0.2
+    assert logits_labeler("cost", None, [[0, 1], [4, 0]])(logits).numpy().ravel().tolist() == [0, 1, 1]
+    three = tf.constant([[[[0.0, 1.0, 0.9]]]])  # softmax ~ [0.17, 0.42, 0.38]
+    cost = [[0, 1, 1], [1, 0, 1], [1, 10, 0]]  # calling class 2 a 1 is expensive
+    assert logits_labeler("argmax")(three).numpy().ravel().tolist() == [1]
+    assert logits_labeler("cost", None, cost)(three).numpy().ravel().tolist() == [2]

@@ -144,11 +144,28 @@ class StepResult:
     finite: bool
 
 
+def logits_labeler(rule: str, threshold: Optional[float] = None, cost_matrix=None):
+    """Logits -> int32 labels by the decision rule of eval/predict (argmax, cost or threshold)."""
+    if rule == "argmax":
+        return labels_from_logits
+    from segtrain.decision import decide_tf
+
+    def labeler(logits):
+        logits = tf.cast(logits, tf.float32)
+        probs = tf.sigmoid(logits) if logits.shape[-1] == 1 else tf.nn.softmax(logits, axis=-1)
+        return tf.cast(decide_tf(probs, rule, threshold, cost_matrix), tf.int32)
+
+    return labeler
+
+
 class Trainer:
     """Owns the distributed train and validation steps for one model, loss and optimizer."""
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, loss_fn, optimizer,
-                 num_classes: int, grad_clip_norm: Optional[float] = None):
+                 num_classes: int, grad_clip_norm: Optional[float] = None, labeler=None):
+        """`labeler` turns logits into class labels for validation (default: argmax / sigmoid >= 0.5);
+        `logits_labeler` builds one from the config's decision rule."""
+        self.labeler = labeler or labels_from_logits
         self.strategy = strategy
         self.model = model
         self.loss_fn = loss_fn
@@ -240,7 +257,7 @@ class Trainer:
         count = tf.cast(tf.shape(images)[0], tf.float64)
         self.val_loss_sum.assign_add(tf.where(count > 0, loss * count, tf.constant(0.0, tf.float64)))
         self.val_images.assign_add(count)
-        self.confusion.update_state(masks, labels_from_logits(logits))
+        self.confusion.update_state(masks, self.labeler(logits))
 
     def _distributed_val_step(self, images, masks):
         self.strategy.run(self._replica_val_step, args=(images, masks))
