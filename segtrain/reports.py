@@ -12,9 +12,10 @@ import io
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from segtrain.atomic import atomic_path
 
 CSV_COLUMNS = ("class", "iou", "dice", "precision", "recall", "support")
 
@@ -26,20 +27,9 @@ CSV_COLUMNS = ("class", "iou", "dice", "precision", "recall", "support")
 
 def _atomic_write(path, write, mode="w"):
     """Calls `write(file)` on a temporary file next to `path`, then renames it onto `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {})) as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _save_figure(fig, path):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import keras
+
+from segtrain.atomic import atomic_path, write_text_atomic  # noqa: F401 (re-exported)
 
 from segtrain.errors import CheckpointError
 
@@ -55,53 +55,14 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
-    """Write JSON through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent, prefix=f".{path.stem}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write text through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write JSON atomically (see segtrain.atomic)."""
+    write_text_atomic(json.dumps(data, indent=2), path)
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """Save a .keras file through a temporary file, so a kill mid-write leaves the previous one usable."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent, prefix=f".{path.stem}.")
-    os.close(fd)
-    try:
+    """Save a .keras file atomically, so a kill mid-write leaves the previous one usable."""
+    with atomic_path(path) as tmp:
         model.save(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _fsync(path: str | Path) -> None:
-    """Flush a written file to disk before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def newest_run_dir() -> Path:
@@ -137,8 +98,3 @@ def load_model(path: Path) -> keras.Model:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises several types for a bad file
         raise CheckpointError(f"{path}: cannot load the model ({type(exc).__name__}: {exc}).") from None
-
-
-def read_run_info(run_dir: Path) -> dict:
-    path = run_dir / RUN_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from segtrain.atomic import atomic_path
 from segtrain.errors import DataError
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -100,14 +99,6 @@ def read_raw_mask(path: Path, rgb: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 
 def write_png_atomic(array: np.ndarray, path: Path) -> None:
-    """Write a uint8 array as PNG through a temporary file, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent, prefix=f".{path.stem}.")
-    os.close(fd)
-    try:
+    """Write a uint8 array as PNG atomically (see segtrain.atomic)."""
+    with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
