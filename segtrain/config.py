@@ -495,3 +495,45 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("predict.batch_size: must be at least 1.")
     if predict.tile_size is not None and (predict.tile_size <= 0 or predict.tile_size % divisor):
         raise ConfigError(f"predict.tile_size: must be a positive multiple of 2**model.depth = {divisor}.")
+    _check_train(config)
+
+
+def _check_train(config: Config) -> None:
+    """Checks of the train section (ConfigError naming the key)."""
+    train = config.train
+    if train.schedule == "plateau":
+        if not 0.0 < train.plateau_factor < 1.0:
+            raise ConfigError(f"train.plateau_factor: must be between 0 and 1 (e.g. 0.5), got {train.plateau_factor}.")
+        if train.plateau_patience < 1:
+            raise ConfigError(f"train.plateau_patience: must be at least 1, got {train.plateau_patience}.")
+        if not 0.0 <= train.plateau_min_learning_rate <= train.learning_rate:
+            raise ConfigError(
+                f"train.plateau_min_learning_rate: must be between 0 and train.learning_rate "
+                f"({train.learning_rate}), got {train.plateau_min_learning_rate}."
+            )
+    if train.warmup_epochs < 0 or not math.isfinite(train.warmup_epochs):
+        raise ConfigError(f"train.warmup_epochs: must be 0 or more, got {train.warmup_epochs}.")
+    if train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: must be 0 or more, got {train.weight_decay}.")
+    if train.early_stopping_patience is not None and train.early_stopping_patience < 1:
+        raise ConfigError("train.early_stopping_patience: must be at least 1 (or null for no early stopping).")
+    if train.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints: must be at least 1.")
+    if train.checkpoint_every_steps is not None and train.checkpoint_every_steps < 1:
+        raise ConfigError("train.checkpoint_every_steps: must be at least 1 (or null for epoch ends only).")
+    columns = monitor_columns(config.data.classes)
+    if train.monitor not in columns:
+        close = difflib.get_close_matches(train.monitor, columns, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"train.monitor: {train.monitor!r} is not a history column.{hint} "
+            f"Use one of {', '.join(columns)}."
+        )
+
+
+def monitor_columns(classes: list[str]) -> list[str]:
+    """Columns of history.csv that train.monitor can name."""
+    columns = ["loss", "val_loss", "val_mean_iou", "val_pixel_accuracy"]
+    for name in classes:
+        columns += [f"val_iou_{name}", f"val_dice_{name}"]
+    return columns

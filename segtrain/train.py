@@ -12,9 +12,6 @@ a checkpoint whose epoch's files are either all written or redone identically.
 
 from __future__ import annotations
 
-import csv
-import difflib
-import math
 import shutil
 import signal
 import time
@@ -26,6 +23,7 @@ import click
 import numpy as np
 
 from segtrain.config import Config, decision_cost_matrix, save_config
+from segtrain.history import is_better, plot_history_png, read_history, write_history, write_scalars
 from segtrain.data.discovery import Pair, find_pairs
 from segtrain.data.images import image_channels
 from segtrain.data.masks import MaskMapping
@@ -37,7 +35,6 @@ from segtrain.runs import (
     prepare_run_dir,
     save_model_atomic,
     write_json_atomic,
-    write_text_atomic,
 )
 
 
@@ -57,50 +54,6 @@ class PreparedData:
     channels: int
     class_stats: dict
     class_weights: Optional[np.ndarray]
-
-
-# ---------------------------------------------------------------------------- input checks
-
-
-def check_train_config(config: Config) -> None:
-    """Checks of the train settings that config.py leaves to the engine (ConfigError naming the key)."""
-    train = config.train
-    if train.schedule == "plateau":
-        if not 0.0 < train.plateau_factor < 1.0:
-            raise ConfigError(f"train.plateau_factor: must be between 0 and 1 (e.g. 0.5), got {train.plateau_factor}.")
-        if train.plateau_patience < 1:
-            raise ConfigError(f"train.plateau_patience: must be at least 1, got {train.plateau_patience}.")
-        if not 0.0 <= train.plateau_min_learning_rate <= train.learning_rate:
-            raise ConfigError(
-                f"train.plateau_min_learning_rate: must be between 0 and train.learning_rate "
-                f"({train.learning_rate}), got {train.plateau_min_learning_rate}."
-            )
-    if train.warmup_epochs < 0 or not math.isfinite(train.warmup_epochs):
-        raise ConfigError(f"train.warmup_epochs: must be 0 or more, got {train.warmup_epochs}.")
-    if train.weight_decay < 0:
-        raise ConfigError(f"train.weight_decay: must be 0 or more, got {train.weight_decay}.")
-    if train.early_stopping_patience is not None and train.early_stopping_patience < 1:
-        raise ConfigError("train.early_stopping_patience: must be at least 1 (or null for no early stopping).")
-    if train.keep_checkpoints < 1:
-        raise ConfigError("train.keep_checkpoints: must be at least 1.")
-    if train.checkpoint_every_steps is not None and train.checkpoint_every_steps < 1:
-        raise ConfigError("train.checkpoint_every_steps: must be at least 1 (or null for epoch ends only).")
-    columns = history_columns(config.data.classes)
-    if train.monitor not in columns:
-        close = difflib.get_close_matches(train.monitor, columns, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"train.monitor: {train.monitor!r} is not a history column.{hint} "
-            f"Use one of {', '.join(columns)}."
-        )
-
-
-def history_columns(classes: list[str]) -> list[str]:
-    """Columns of history.csv that can be monitored."""
-    columns = ["loss", "val_loss", "val_mean_iou", "val_pixel_accuracy"]
-    for name in classes:
-        columns += [f"val_iou_{name}", f"val_dice_{name}"]
-    return columns
 
 
 def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> PreparedData:
@@ -135,43 +88,6 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> Prepare
     stats = class_stats_dict(counter, data.classes, strategy, config.loss["max_weight"])
     weights = None if strategy == "none" else np.asarray(stats["class_weights"], dtype=np.float32)
     return PreparedData(train_pairs, val_pairs, mapping, channels, stats, weights)
-
-
-# ---------------------------------------------------------------------------- history
-
-
-def _history_rows(path: Path, upto_epoch: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as handle:
-        return [row for row in csv.DictReader(handle) if int(row["epoch"]) <= upto_epoch]
-
-
-def _write_history(rows: list[dict], path: Path) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    lines = [",".join(keys)]
-    for row in rows:
-        lines.append(",".join(_csv_value(row.get(k)) for k in keys))
-    write_text_atomic("\n".join(lines) + "\n", path)
-
-
-def _csv_value(value) -> str:
-    if value is None or value == "":
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _monitor_is_better(monitor: str, value: Optional[float], best: Optional[float]) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
-    if best is None:
-        return True
-    lower_is_better = "loss" in monitor or "cost" in monitor
-    return value < best if lower_is_better else value > best
 
 
 class _StopFlag:
@@ -211,7 +127,6 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
 
     from segtrain.engine.devices import configure_cpu_devices
 
-    check_train_config(config)
     configure_cpu_devices()  # before anything initialises TensorFlow
     cached_stats = None
     stats_path = run_dir / "class_stats.json"
@@ -326,7 +241,7 @@ def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, ov
     plateau = PlateauState(train_cfg, state.lr_scale, state.plateau_wait) if train_cfg.schedule == "plateau" else None
 
     history_path = run_dir / "history.csv"
-    rows = _history_rows(history_path, start_epoch) if restored else []
+    rows = read_history(history_path, start_epoch) if restored else []
     monitor = train_cfg.monitor
     best, best_epoch = state.best_value, int(state.best_epoch.numpy())
     writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
@@ -415,17 +330,17 @@ def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, ov
                         row[f"val_dice_{name}"] = values["dice"]
                 rows.append(row)
                 value = row.get(monitor)
-                improved = _monitor_is_better(monitor, value, best)
+                improved = is_better(monitor, value, best)
                 if improved:
                     best, best_epoch = value, epoch
                 lowered = plateau.update(improved) if plateau is not None and validated else None
                 if chief:  # the epoch's files first, the checkpoint (the commit point) last
-                    _write_history(rows, history_path)
+                    write_history(rows, history_path)
                     save_model_atomic(model, run_dir / "last.keras")
                     if improved:
                         save_model_atomic(model, run_dir / "best.keras")
-                    _write_scalars(writer, row, epoch)
-                    _plot_history(rows, run_dir / "history.png")
+                    write_scalars(writer, row, epoch)
+                    plot_history_png(rows, run_dir / "history.png")
                 loss_sum, loss_steps = 0.0, 0
                 save_checkpoint(epoch, f"after epoch {epoch}")
                 if trainer.stop_agreed(stop.signal_name is not None):  # a signal during validation or saving
@@ -496,28 +411,6 @@ def _disable_op_determinism() -> None:
     except ImportError:  # pragma: no cover - private API moved
         return
     disable_op_determinism()
-
-
-def _write_scalars(writer, row: dict, epoch: int) -> None:
-    """TensorBoard scalars through TF's own summary writer (the `tensorboard` package is only needed to view them)."""
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    with writer.as_default():
-        for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                tf.summary.write(key, tf.constant(float(value)), step=epoch, metadata=metadata.SerializeToString())
-    writer.flush()
-
-
-def _plot_history(rows: list[dict], path: Path) -> None:
-    try:
-        from segtrain.reports import plot_history
-    except ImportError:
-        return
-    plot_history(rows, path)
 
 
 def _data_error_from(exc) -> Exception:
