@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import make_stripes_dataset
-from tests.test_engine import folder_digest, invoke, write_config
+from tests.cli_helpers import folder_digest, invoke, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,5 @@
 """End-to-end: fit a couple of epochs on tiny data through the CLI, then eval and predict."""
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -8,15 +7,14 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 from PIL import Image
 
-from segtrain.cli import cli
+from tests.cli_helpers import folder_digest, invoke, write_config
 from tests.conftest import REPO, SHARED_DATASETS, make_stripes_dataset
 
 pytestmark = pytest.mark.slow
 
-TINY = {
+CLI_TINY = {
     "model": {"depth": 2, "base_filters": 4},
     "data": {"classes": ["background", "stripe"], "mask": {"threshold": 127}, "crop": 16, "batch_size": 4},
     "loss": {"terms": [{"name": "cross_entropy"}, {"name": "jaccard", "weight": 0.5}], "class_weights": "balanced"},
@@ -24,34 +22,12 @@ TINY = {
 }
 
 
-def write_config(path, root, **sections):
-    config = json.loads(json.dumps(TINY))
-    config["data"]["root"] = str(root)
-    for name, values in sections.items():
-        config.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result
-
-
-def folder_digest(folder):
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny run shared by the tests of this module."""
     base = tmp_path_factory.mktemp("e2e")
     root = make_stripes_dataset(base / "stripes", n_train=8, n_val=3)
-    config = write_config(base / "tiny.yaml", root)
+    config = write_config(base / "tiny.yaml", root, CLI_TINY)
     run = base / "run"
     result = invoke("fit", config, "--out", run)
     assert result.exit_code == 0, result.output

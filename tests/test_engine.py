@@ -2,7 +2,6 @@
 safe saves and chief selection. Helpers here are shared by test_resume / test_distribute / test_bad_input."""
 
 import csv
-import hashlib
 import json
 import os
 import re
@@ -13,42 +12,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
-from click.testing import CliRunner
 
-from segtrain.cli import cli
 from segtrain.config import TrainConfig
+from tests.cli_helpers import invoke, write_config
 from tests.conftest import make_stripes_dataset
 
-TINY = {
-    "model": {"depth": 2, "base_filters": 4},
-    "data": {"classes": ["background", "stripe"], "mask": {"threshold": 127}, "crop": 16, "batch_size": 4},
-    "loss": {"terms": [{"name": "cross_entropy"}], "class_weights": "balanced"},
-    "train": {"epochs": 2, "steps_per_epoch": 2, "learning_rate": 0.01, "seed": 1},
-}
 TIMING_COLUMNS = ("seconds", "images_per_second")
-
-
-def write_config(path, root, **sections):
-    """TINY with data.root and some sections updated."""
-    config = json.loads(json.dumps(TINY))
-    config["data"]["root"] = str(root)
-    for name, values in sections.items():
-        config.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def folder_digest(folder):
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def weights_of(path):

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO, make_stripes_dataset
-from tests.test_engine import history, invoke, stopped_at_step, weights_of, write_config
+from tests.cli_helpers import invoke, write_config
+from tests.test_engine import history, stopped_at_step, weights_of
 
 pytestmark = pytest.mark.slow
 

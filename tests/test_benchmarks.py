@@ -1,0 +1,84 @@
+"""Each benchmark script runs on its tiny setting and prints its result line (not a benchmark itself)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: int = 240) -> list[str]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines, "no output"
+    assert lines[0].startswith("machine: "), lines[0]  # absolute figures always name the machine
+    return lines
+
+
+def final_ratio(lines: list[str]) -> float:
+    last = lines[-1]
+    assert last.startswith("ratio: "), last
+    value = float(last.split(":", 1)[1])
+    assert math.isfinite(value) and value > 0, last
+    return value
+
+
+@pytest.mark.parametrize("name", ["fit_throughput.py", "pipeline_throughput.py", "memory.py"])
+def test_speed_and_memory_benchmarks_print_a_final_ratio(name):
+    lines = run_script(name, "--tiny")
+    final_ratio(lines)
+    assert any("median" in line for line in lines), "figures must be medians"
+
+
+def test_every_benchmark_script_is_covered():
+    scripts = {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
+    covered = {"fit_throughput.py", "pipeline_throughput.py", "memory.py", "gpu_mixed_precision.py", "quality.py",
+               "cost_tradeoff.py", "plain_keras_baseline.py", "predict_throughput.py"}
+    assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
+
+
+def test_gpu_benchmark_without_a_gpu_says_it_did_not_run():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_mixed_precision.py"), "--tiny"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no GPU" in result.stdout and "not run" in result.stdout
+    assert "ratio:" not in result.stdout
+
+
+def test_gpu_benchmark_code_path_runs_on_the_cpu_when_allowed():
+    lines = run_script("gpu_mixed_precision.py", "--tiny", "--allow-cpu")
+    final_ratio(lines)
+    assert any(line.startswith("pipeline efficiency") for line in lines)
+
+
+def test_quality_tiny_prints_a_per_class_table_for_segtrain_and_the_plain_script():
+    lines = run_script("quality.py", "--tiny")
+    header = lines.index("| set | run | minutes | steps | class | IoU | F1 | precision | recall |")
+    rows = [line for line in lines[header + 2:] if line.startswith("| tiny |")]
+    runs = {row.split("|")[2].strip().split(" (")[0] for row in rows}
+    assert runs == {"segtrain best.keras", "segtrain last.keras", "plain Keras"}
+    assert len(rows) == 6  # two classes for each of the three runs
+
+
+def test_cost_tradeoff_tiny_prints_the_three_cost_settings():
+    lines = run_script("cost_tradeoff.py", "--tiny")
+    rows = [line for line in lines if line.startswith("| high") or line.startswith("| default")]
+    assert [row.split("|")[1].strip().split(" (")[0] for row in rows] == ["high fn_cost", "default costs",
+                                                                          "high fp_cost"]
+    assert any(line.startswith("recall high-to-low") for line in lines)
+    assert lines[-1].startswith("ratio: ")
+
+
+def test_predict_throughput_tiny_prints_a_final_ratio():
+    final_ratio(run_script("predict_throughput.py", "--tiny"))
