@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, make_stripes_dataset
-from tests.test_engine import history, stopped_at_step, write_config
+from tests.cli_helpers import write_config
+from tests.test_engine import history, stopped_at_step
 
 pytestmark = pytest.mark.slow
 
