@@ -69,8 +69,9 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache: Literal["memory", "disk", "none"] = "memory"
     """Keep decoded images in memory, in a cache file in the run folder, or re-read every epoch (streams)."""
-    shuffle_buffer: int = 256
-    """Shuffle buffer of decoded images when cache is disk (memory: whole set; none: file list)."""
+    shuffle_buffer: int = 16
+    """Shuffle buffer of decoded images when cache is disk (the cache file itself is in a seeded random order;
+    memory and none shuffle the whole set). Its size bounds the memory of a streaming run."""
     max_image_pixels: int = 100_000_000
     """Images with more pixels than this are refused (decompression-bomb guard)."""
 

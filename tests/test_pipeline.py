@@ -1,7 +1,8 @@
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
-from segtrain.config import DataConfig, MaskConfig
+from segtrain.config import AugmentConfig, DataConfig, MaskConfig
 from segtrain.data.discovery import find_pairs
 from segtrain.data.masks import MaskMapping
 from segtrain.data.pipeline import DataSpec, augment, evaluation_dataset, steps_per_epoch, training_dataset
@@ -69,3 +70,14 @@ def test_steps_per_epoch():
     assert steps_per_epoch(10, 4, None) == 3
     assert steps_per_epoch(10, 4, 7) == 7
     assert steps_per_epoch(2, 4, None) == 1
+
+
+def test_disk_cache_streams_the_same_examples_in_a_seeded_order(stripes, tmp_path):
+    spec = spec_for(stripes, crop=None, batch_size=1, cache="disk", augment=AugmentConfig(flip=False, rotate90=False))
+    pairs = find_pairs(stripes, "train")
+    first = [m.numpy() for _, m in training_dataset(pairs, spec, tmp_path / "c1").take(len(pairs))]
+    again = [m.numpy() for _, m in training_dataset(pairs, spec, tmp_path / "c2").take(len(pairs))]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    # one pass holds every training mask exactly once
+    expected = sorted((np.asarray(Image.open(p.mask)) > 127).tobytes() for p in pairs)
+    assert sorted(m[0].astype(bool).tobytes() for m in first) == expected

@@ -110,15 +110,16 @@ def training_dataset(pairs: list[Pair], spec: DataSpec, cache_dir: Optional[Path
     if data.cache == "none":
         ds = ds.shuffle(len(pairs), seed=spec.seed, reshuffle_each_iteration=True).repeat()
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    elif data.cache == "memory":
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True).cache()
+        ds = ds.shuffle(len(pairs), seed=spec.seed, reshuffle_each_iteration=True).repeat()
     else:
-        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
-        if data.cache == "memory":
-            ds = ds.cache()
-            buffer = len(pairs)
-        else:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            ds = ds.cache(str(cache_dir / "train"))
-            buffer = min(len(pairs), data.shuffle_buffer)
+        # The cache file is written in a seeded random order, so a small buffer of decoded
+        # images after it still mixes the whole set while memory stays flat.
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        ds = ds.shuffle(len(pairs), seed=spec.seed, reshuffle_each_iteration=False)
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True).cache(str(cache_dir / "train"))
+        buffer = min(len(pairs), data.shuffle_buffer)
         ds = ds.shuffle(buffer, seed=spec.seed, reshuffle_each_iteration=True).repeat()
     ds = ds.enumerate().skip(start_element)
     crop, flip, rotate90 = data.crop, data.augment.flip, data.augment.rotate90

@@ -1,0 +1,306 @@
+"""Helpers shared by the benchmark scripts: the machine line, synthetic data sets, configs, timing.
+
+Not a benchmark itself (the leading underscore keeps it out of the benchmark list).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "load average unknown"
+
+
+def machine_line() -> str:
+    """One line naming the machine, for every benchmark's output (absolute times need it)."""
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return (f"machine: {platform.platform()}, {cpu_model()}, {cores()} cores usable "
+            f"({os.cpu_count()} online), GPUs: {', '.join(g.name for g in gpus) or 'none'}, "
+            f"python {platform.python_version()}, TF {tf.__version__}, Keras {keras.__version__}, "
+            f"{load_average()} at start")
+
+
+def median_line(name: str, values: list[float], unit: str, fmt: str = ".2f") -> str:
+    runs = ", ".join(format(v, fmt) for v in values)
+    return f"{name}: median {format(statistics.median(values), fmt)} {unit}  (runs: {runs})"
+
+
+# ---------------------------------------------------------------------------- synthetic data
+
+
+def synthetic_pair(rng: np.random.Generator, height: int, width: int, channels: int = 3,
+                   lines: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A textured image with a few bright thick lines (mask 255) on darker ground (mask 0).
+
+    Roughly 10-20% foreground; smooth enough that PNG files stay small and decode at a realistic speed.
+    """
+    mask = np.zeros((height, width), np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(lines):
+        angle = rng.uniform(0, np.pi)
+        offset = rng.uniform(-0.4, 0.4) * min(height, width)
+        thickness = rng.uniform(3, 9)
+        distance = np.abs((xx - width / 2) * np.sin(angle) - (yy - height / 2) * np.cos(angle) - offset)
+        mask[distance < thickness] = 255
+    ground = rng.normal(70, 20, (height // 8 + 1, width // 8 + 1, channels))
+    ground = np.kron(ground, np.ones((8, 8, 1)))[:height, :width]
+    image = ground + rng.normal(0, 12, (height, width, channels))
+    image[mask > 0] += 90
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    return (image[..., 0] if channels == 1 else image), mask
+
+
+def write_dataset(root: Path, n_train: int, n_val: int, size: int, channels: int = 3, image_ext: str = ".png",
+                  seed: int = 0, n_distinct: Optional[int] = None) -> Path:
+    """A data set ROOT/{train,val}/{images,masks}/ of synthetic pairs; masks are 0/255 PNGs.
+
+    n_distinct: generate this many distinct pairs and copy the files for the rest (fast for large sets;
+    every file is still read and decoded on its own).
+    """
+    import shutil
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image_path = root / split / "images" / f"{i:05d}{image_ext}"
+            mask_path = root / split / "masks" / f"{i:05d}.png"
+            if n_distinct is not None and i >= n_distinct:
+                source = i % n_distinct
+                shutil.copyfile(root / split / "images" / f"{source:05d}{image_ext}", image_path)
+                shutil.copyfile(root / split / "masks" / f"{source:05d}.png", mask_path)
+                continue
+            image, mask = synthetic_pair(rng, size, size, channels)
+            Image.fromarray(image).save(image_path, **({"quality": 90} if image_ext == ".jpg" else {}))
+            Image.fromarray(mask).save(mask_path)
+    return root
+
+
+def synthetic_config(root: Path, crop: Optional[int], batch_size: int, depth: int, base_filters: int,
+                     cache: str = "memory", extra: Optional[dict] = None):
+    """A segtrain Config for a synthetic set: two classes by threshold, CE + Jaccard with balanced weights."""
+    from segtrain.config import config_from_dict
+
+    raw = {
+        "data": {"root": str(root), "classes": ["background", "line"], "mask": {"threshold": 127},
+                 "crop": crop, "batch_size": batch_size, "cache": cache},
+        "model": {"depth": depth, "base_filters": base_filters},
+        "loss": {"terms": [{"name": "cross_entropy", "weight": 1.0}, {"name": "jaccard", "weight": 0.5}],
+                 "class_weights": "balanced", "max_weight": 10},
+        "train": {"learning_rate": 1e-3, "seed": 0},
+    }
+    for dotted, value in (extra or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_dict(raw)
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def alternate(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call each variant once per round, in turn, `repeats` rounds; each call returns its own figure.
+
+    Interleaving means a burst of load from other users hits every variant alike.
+    """
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            results[name].append(fn())
+    return results
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------- segtrain's own training path
+
+
+class SegtrainSetup:
+    """segtrain's training objects built exactly as `segtrain.train.run_fit` builds them.
+
+    prepare_data (file checks and the class-statistics pass), precision policy, strategy,
+    build_unet, build_loss with the data set's class weights, make_optimizer with the
+    schedule, training_dataset over the files on disk (decode, cache, shuffle, augment,
+    batch, prefetch) distributed by the strategy, and the Trainer's tf.function step.
+    """
+
+    def __init__(self, config, work_dir: Path, total_steps: int = 1000):
+        import inspect
+
+        import keras
+        import tensorflow as tf
+
+        from segtrain.data.pipeline import DataSpec, training_dataset
+        from segtrain.engine.devices import make_strategy, set_precision
+        from segtrain.engine.trainer import Trainer, make_optimizer, make_schedule
+        from segtrain.losses import build_loss
+        from segtrain.model import build_unet, output_channels
+        from segtrain.train import prepare_data
+
+        self.config = config
+        train = config.train
+        prepared = prepare_data(config)
+        self.strategy = make_strategy(train.distribute)
+        keras.utils.set_random_seed(train.seed)
+        self.policy = set_precision(train.precision)
+        num_classes = len(config.data.classes)
+        steps = max(1, len(prepared.train_pairs) // config.data.batch_size)
+        with self.strategy.scope():
+            self.model = build_unet(prepared.channels, output_channels(num_classes), config.model.depth,
+                                    config.model.base_filters, config.model.batch_norm, config.model.dropout)
+            self.loss_fn = build_loss(config.loss, config.data.classes, prepared.class_weights)
+            schedule_args = [train, total_steps, steps]
+            if "lr_scale" in inspect.signature(make_schedule).parameters:
+                schedule_args.append(tf.Variable(1.0, dtype=tf.float32, trainable=False, name="lr_scale"))
+            self.optimizer = make_optimizer(train, make_schedule(*schedule_args), self.policy)
+            self.optimizer.build(self.model.trainable_variables)
+        self.prepared = prepared
+        self.spec = DataSpec(config.data, prepared.mapping, prepared.channels, 2**config.model.depth, train.seed)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        self.dataset = training_dataset(prepared.train_pairs, self.spec, Path(work_dir) / "cache").with_options(options)
+        self.iterator = iter(self.strategy.experimental_distribute_dataset(self.dataset))
+        kwargs = {}
+        if "grad_clip_norm" in inspect.signature(Trainer).parameters:
+            kwargs["grad_clip_norm"] = train.grad_clip_norm
+        self.trainer = Trainer(self.strategy, self.model, self.loss_fn, self.optimizer, num_classes, **kwargs)
+
+    def run_steps(self, n: int) -> None:
+        """n steps through the loop body of run_fit: Trainer.train_step, the loss fetched, a tqdm bar updated."""
+        from tqdm import tqdm
+
+        losses = []
+        bar = tqdm(total=n, disable=None, leave=False)
+        started = time.perf_counter()
+        for i in range(n):
+            result = self.trainer.train_step(self.iterator)
+            if not result.finite:
+                raise RuntimeError(f"loss became {result.loss}")
+            losses.append(result.loss)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}",
+                            img_s=f"{(i + 1) * self.config.data.batch_size / max(elapsed, 1e-9):.1f}")
+            bar.update(1)
+        bar.close()
+
+
+def in_memory_batches(pairs, spec, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` augmented training batches from segtrain's pipeline, as NumPy arrays (images, int32 masks)."""
+    import dataclasses
+
+    from segtrain.data.pipeline import training_dataset
+
+    memory_spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, cache="memory"))
+    batches = [(i.numpy(), m.numpy()) for i, m in training_dataset(pairs, memory_spec, None).take(count)]
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+# ---------------------------------------------------------------------------- budgeted training runs
+
+
+def measure_step_seconds(config, work_dir: Path, steps: int = 6) -> float:
+    """Seconds per training step of a config on this machine now (after tracing and a warm-up)."""
+    setup = SegtrainSetup(config, work_dir, total_steps=1000)
+    setup.run_steps(3)
+    start = time.perf_counter()
+    setup.run_steps(steps)
+    return (time.perf_counter() - start) / steps
+
+
+def set_budget(config, total_steps: int, epochs: int = 10, validations: int = 5) -> None:
+    """Spread total_steps over `epochs` epochs (fewer per-epoch saves than one pass per epoch), validating
+    `validations` times; the cosine schedule then decays over exactly the budgeted steps."""
+    epochs = max(1, min(epochs, total_steps))
+    config.train.epochs = epochs
+    config.train.steps_per_epoch = max(1, -(-total_steps // epochs))
+    config.train.validate_every = max(1, epochs // max(1, validations))
+
+
+def timed_run_fit(config, run_dir: Path) -> dict:
+    """segtrain.train.run_fit; returns its final metrics (best.keras on val, as `segtrain eval`) plus
+    `train_seconds` (the fit without its final evaluation) and `eval_seconds`."""
+    import segtrain.evaluate as evaluate_module
+    from segtrain.train import run_fit
+
+    original = evaluate_module.evaluate_run
+    timing = {}
+
+    def timed_evaluate_run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            timing["eval"] = time.perf_counter() - start
+
+    evaluate_module.evaluate_run = timed_evaluate_run  # a stopwatch only: the call is unchanged
+    try:
+        start = time.perf_counter()
+        metrics = run_fit(config, run_dir, overwrite=True, log=lambda *a, **k: None)
+        total = time.perf_counter() - start
+    finally:
+        evaluate_module.evaluate_run = original
+    metrics["eval_seconds"] = timing.get("eval", 0.0)
+    metrics["train_seconds"] = total - metrics["eval_seconds"]
+    return metrics
+
+
+def evaluate_model_file(model_path: Path, split: str = "val") -> dict:
+    """`segtrain eval --checkpoint MODEL.keras --split val`, in process."""
+    from segtrain.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(str(model_path), None, split, Path(model_path).parent / f"eval_{Path(model_path).stem}",
+                               None, None, log=lambda *a, **k: None)
+
+
+def class_rows(metrics: dict) -> list[tuple[str, float, float, float, float]]:
+    """(class, IoU, F1, precision, recall) per class; None shown as nan."""
+    def f(v):
+        return float("nan") if v is None else float(v)
+
+    return [(name, f(v["iou"]), f(v["dice"]), f(v["precision"]), f(v["recall"]))
+            for name, v in metrics["per_class"].items()]
