@@ -33,7 +33,7 @@ def final_ratio(lines: list[str]) -> float:
     return value
 
 
-@pytest.mark.parametrize("name", ["fit_throughput.py", "pipeline_throughput.py", "memory.py"])
+@pytest.mark.parametrize("name", ["fit_throughput.py", "pipeline_throughput.py", "memory.py", "predict_throughput.py"])
 def test_speed_and_memory_benchmarks_print_a_final_ratio(name):
     lines = run_script(name, "--tiny")
     final_ratio(lines)
