@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 fit: $(STAMP)
-	$(BIN)/segtrain fit configs/roads.yaml --overwrite
+	$(BIN)/segtrain fit configs/roads.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
