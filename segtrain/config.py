@@ -221,28 +221,63 @@ def resolve_data_root(root: str, config_path: Path) -> str:
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Apply one `dotted.key=value` to the raw dict; the value is parsed as YAML (typed by the schema later)."""
+    """Apply one `dotted.key=value` to the raw dict; the value is parsed as YAML (typed by the schema later).
+
+    Keys may index lists: `--set loss.terms[1].weight=0.2`.
+    """
     if "=" not in item:
         raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set train.epochs=2.")
     key, _, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {item}: bad key {key!r}; use a dotted path such as train.epochs.")
+    steps = _override_steps(key.strip(), item)
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif isinstance(child, str) and node is raw and part == "loss":
-            child = node[part] = {"terms": [{"name": child}]}  # short form `loss: jaccard`
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a section.")
+    for n, step in enumerate(steps[:-1]):
+        where = _steps_text(steps[: n + 1])
+        following = steps[n + 1]
+        if isinstance(step, int):
+            if not isinstance(node, list) or step >= len(node):
+                raise ConfigError(f"--set {item}: {where} does not exist; the list has {len(node)} item(s).")
+            child = node[step]
+            if isinstance(child, str) and isinstance(following, str):  # a bare term name: `- jaccard`
+                child = node[step] = {"name": child}
+        else:
+            child = node.get(step)
+            if child is None:
+                child = node[step] = [] if isinstance(following, int) else {}
+            elif isinstance(child, str) and node is raw and step == "loss":
+                child = node[step] = {"terms": [{"name": child}]}  # short form `loss: jaccard`
+        if isinstance(following, int) != isinstance(child, list) or not isinstance(child, (list, dict)):
+            kind = "a list" if isinstance(child, list) else "a section" if isinstance(child, dict) else "a value"
+            raise ConfigError(f"--set {item}: {where} is {kind}; check the key.")
         node = child
-    node[parts[-1]] = value
+    last = steps[-1]
+    if isinstance(last, int):
+        if last >= len(node):
+            raise ConfigError(f"--set {item}: {_steps_text(steps)} does not exist; the list has {len(node)} item(s).")
+    node[last] = value
+
+
+def _override_steps(key: str, item: str) -> list:
+    """`loss.terms[1].weight` -> ["loss", "terms", 1, "weight"]."""
+    steps: list = []
+    for part in key.split("."):
+        match = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_-]*)((?:\[\d+\])*)", part)
+        if not match:
+            raise ConfigError(f"--set {item}: bad key {key!r}; use a dotted path such as train.epochs "
+                              "or loss.terms[0].weight.")
+        steps.append(match.group(1))
+        steps += [int(i) for i in re.findall(r"\[(\d+)\]", match.group(2))]
+    return steps
+
+
+def _steps_text(steps: list) -> str:
+    text = ""
+    for step in steps:
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else step)
+    return text
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -166,3 +166,23 @@ def test_loading_a_config_does_not_import_tensorflow(tmp_path):
             f"load_config(r'{path}'); print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr[-500:]
+
+
+def test_set_reaches_list_items():
+    raw = {"loss": {"terms": ["cross_entropy", {"name": "jaccard", "weight": 0.5}]}}
+    apply_override(raw, "loss.terms[1].weight=0.2")
+    apply_override(raw, "loss.terms[0].label_smoothing=0.1")
+    assert raw["loss"]["terms"] == [{"name": "cross_entropy", "label_smoothing": 0.1}, {"name": "jaccard", "weight": 0.2}]
+    config = config_from_dict({"data": {"root": "x"}, **raw})
+    assert config.loss["terms"][1]["weight"] == 0.2 and config.loss["terms"][0]["label_smoothing"] == 0.1
+
+
+@pytest.mark.parametrize("item, message", [
+    ("loss.terms[5].weight=1", "loss.terms[5] does not exist"),
+    ("train.epochs[0]=1", "train.epochs is a value"),
+    ("train..epochs=1", "bad key"),
+])
+def test_set_list_errors(item, message):
+    raw = {"loss": {"terms": ["cross_entropy"]}, "train": {"epochs": 3}}
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        apply_override(raw, item)
