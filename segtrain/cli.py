@@ -49,12 +49,14 @@ def fit(config_path, overrides, out, resume, overwrite):
     """Train a model from CONFIG and write a run folder."""
     _import_tensorflow_quietly()
     from segtrain.config import load_config
-    from segtrain.runs import check_run_dir, default_run_dir
+    from segtrain.runs import check_resume_config, check_run_dir, default_run_dir
     from segtrain.train import run_fit
 
     config = load_config(config_path, list(overrides))
     run_dir = Path(out) if out else default_run_dir(config_path)
-    check_run_dir(run_dir, resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite, multi_worker=config.train.distribute == "multi_worker")
+    if resume:
+        check_resume_config(config, run_dir)
     metrics = run_fit(config, run_dir, resume=resume, overwrite=overwrite, config_path=Path(config_path))
     mean_iou = metrics.get("mean_iou")
     shown = "n/a" if mean_iou is None else f"{mean_iou:.4f}"

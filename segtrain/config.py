@@ -53,8 +53,8 @@ class DataConfig:
     """Where the data set is and how it is read."""
 
     root: str = ""
-    """Data set folder holding {train,val[,test]}/{images,masks}/; relative to the config file's folder
-    or the working directory."""
+    """Data set folder holding {train,val[,test]}/{images,masks}/; a relative path is taken from the config
+    file's folder if it exists there, else from the working directory."""
     classes: list[str] = field(default_factory=lambda: ["background", "foreground"])
     """Class names, in class-index order. Two classes train one sigmoid channel."""
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -211,11 +211,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def resolve_data_root(root: str, config_path: Path) -> str:
-    """A relative data root is taken from the working directory, else from the config's folder; made absolute."""
+    """A relative data root is taken from the config's folder, else from the working directory; made absolute."""
     if not root:
         raise ConfigError("data.root: missing. Set it to the data set folder, e.g. `data: {root: data_samples/roads}`.")
     candidate = Path(root)
-    if not candidate.is_absolute() and not candidate.exists() and (config_path.parent / candidate).exists():
+    if not candidate.is_absolute() and (config_path.parent / candidate).exists():
         candidate = config_path.parent / candidate
     return str(candidate.resolve())  # absolute, so the saved config works from any folder
 
@@ -313,8 +313,8 @@ def _check_predict(config: Config) -> None:
     matrix = decision_cost_matrix(config)
     if predict.decision == "cost" and matrix is None:
         raise ConfigError(
-            "predict.decision: 'cost' needs costs: set predict.fp_cost / predict.fn_cost (or predict.cost_matrix), "
-            "or add a cost_sensitive loss term."
+            "predict.decision: 'cost' needs costs: set predict.fp_cost / predict.fn_cost (or predict.cost_matrix) "
+            "in the config (for eval and predict: in the run's config.yaml), or add a cost_sensitive loss term."
         )
     if predict.decision == "threshold":
         if len(config.data.classes) != 2:
@@ -325,7 +325,9 @@ def _check_predict(config: Config) -> None:
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML."""
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from segtrain.atomic import write_text_atomic
+
+    write_text_atomic(yaml.safe_dump(config.to_dict(), sort_keys=False), path)
 
 
 # ---------------------------------------------------------------------------- type checking
@@ -520,6 +522,8 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("train.learning_rate: must be positive, e.g. 0.001.")
     if train.grad_clip_norm is not None and train.grad_clip_norm <= 0:
         raise ConfigError("train.grad_clip_norm: must be positive (or null for no clipping).")
+    if not 0 <= train.seed < 2**31:
+        raise ConfigError(f"train.seed: {train.seed} is out of range; use 0 .. 2**31 - 1.")
     if train.validate_every < 1:
         raise ConfigError("train.validate_every: must be at least 1.")
     predict = config.predict

@@ -23,7 +23,7 @@ def default_run_dir(config_path: str | Path) -> Path:
     return RUNS_DIR / Path(config_path).stem
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, multi_worker: bool = False) -> None:
     """Refuse to write into an existing run folder unless asked to resume or overwrite."""
     if resume and overwrite:
         raise CheckpointError("--resume and --overwrite contradict each other; pick one.")
@@ -33,11 +33,45 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (run_dir / "checkpoints").is_dir():
             raise CheckpointError(f"{run_dir}: no checkpoints to resume from. Run without --resume to start a new run.")
-    elif exists and not overwrite and not _non_chief_worker():
+    elif exists and not overwrite and not (multi_worker and _non_chief_worker()):
         raise CheckpointError(
             f"{run_dir}: run folder already exists. Use --resume to continue it, --overwrite to replace it, "
             "or --out DIR to write elsewhere."
         )
+
+
+RESUMABLE_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.keep_checkpoints",
+                     "train.checkpoint_every_steps")
+"""Config keys a resumed run may change; any other change would not continue the same run."""
+
+
+def check_resume_config(config, run_dir: Path) -> None:
+    """On --resume, the config must be the run's own config.yaml, except for RESUMABLE_CHANGES and predict.*."""
+    from segtrain.config import load_config
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    new, old = _flatten(config.to_dict()), _flatten(load_config(saved_path).to_dict())
+    changed = sorted(k for k in set(new) | set(old)
+                     if new.get(k) != old.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("predict."))
+    if changed:
+        shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+        raise CheckpointError(
+            f"--resume: this config differs from the run's own ({saved_path}) in {shown}, so the run would not "
+            f"continue as it started. Resume with: segtrain fit {saved_path} --resume --out {run_dir} "
+            "(add --set train.epochs=N to train longer)."
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "loss" and not (prefix and prefix.startswith("data.mask")):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _non_chief_worker() -> bool:

@@ -229,6 +229,8 @@ def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, ov
 
         scratch = Path(tempfile.mkdtemp(prefix="segtrain-worker-"))
         cache_dir = scratch / "cache"
+    if config.data.cache == "disk":
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a killed run leaves a partial cache and its lock file
     train_ds = training_dataset(prepared.train_pairs, spec, cache_dir, start_element=global_step * config.data.batch_size)
     val_ds = evaluation_dataset(prepared.val_pairs, spec, max(1, min(config.data.batch_size, 4)))
     options = tf.data.Options()
@@ -353,7 +355,8 @@ def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, ov
                     log(f"{monitor} has not improved for {train_cfg.plateau_patience} validated epoch(s): "
                         f"learning rate lowered to {current_learning_rate(optimizer):.3g}.")
                 patience = train_cfg.early_stopping_patience
-                if patience is not None and best_epoch and epoch - best_epoch >= patience:
+                stale = sum(1 for r in rows if int(r["epoch"]) > best_epoch and r.get(monitor) not in (None, ""))
+                if patience is not None and best_epoch and stale >= patience:
                     log(f"Early stopping: {monitor} has not improved for {patience} epochs "
                         f"(best {best:.4f} at epoch {best_epoch}).")
                     break
@@ -384,7 +387,7 @@ def _interrupted(stop: _StopFlag, where: str, config_path: Optional[Path], run_d
     reason = stop.signal_name or "a signal on another worker"
     return Interrupted(
         f"{reason}: stopped {where}; checkpoint saved. "
-        f"Resume with: segtrain fit {config_path or 'CONFIG'} --resume --out {run_dir}"
+        f"Resume with: segtrain fit {run_dir / 'config.yaml'} --resume --out {run_dir}"
     )
 
 

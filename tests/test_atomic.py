@@ -21,3 +21,14 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.keras"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic("x", tmp_path / "a.txt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -163,12 +163,18 @@ def test_fit_refuses_bad_input_and_leaves_the_run_untouched(trained, tmp_path, m
 def test_resume_with_other_classes_is_refused(trained, tmp_path):
     _, _, config, run, digest = trained
     result = invoke("fit", config, "--out", run, "--resume", *_three_classes())
-    _assert_one_clean_error(result, "the run was trained with classes ['background', 'stripe']")
-    assert "Resume with the run's own config.yaml" in result.output
+    _assert_one_clean_error(result, "differs from the run's own")
+    assert "data.classes" in result.output and f"segtrain fit {run / 'config.yaml'} --resume" in result.output
     assert folder_digest(run) == digest
-    # without the cached class statistics the checkpoint itself does not match
+    # without the saved config, the cached class statistics catch it
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
+    (copy / "config.yaml").unlink()
+    before = folder_digest(copy)
+    result = invoke("fit", config, "--out", copy, "--resume", *_three_classes())
+    _assert_one_clean_error(result, "the run was trained with classes ['background', 'stripe']")
+    assert folder_digest(copy) == before
+    # without those either, the checkpoint itself does not match
     (copy / "class_stats.json").unlink()
     before = folder_digest(copy)
     result = invoke("fit", config, "--out", copy, "--resume", *_three_classes())

@@ -190,3 +190,16 @@ def test_short_membrane_run_maps_membrane_as_minority(tmp_path):
     assert 0.18 < frequency["membrane"] < 0.26  # about 22% of pixels
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert metrics["per_class"]["membrane"]["support"] < metrics["per_class"]["cell"]["support"]
+
+
+def test_resume_refuses_a_changed_config_but_allows_more_epochs(trained, tmp_path):
+    import shutil
+
+    _, _, config, run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = folder_digest(copy)
+    result = invoke("fit", config, "--out", copy, "--resume", "--set", "data.crop=8")
+    assert result.exit_code == 2 and "data.crop" in result.output
+    assert f"segtrain fit {copy / 'config.yaml'} --resume --out {copy}" in result.output
+    assert folder_digest(copy) == before

@@ -107,11 +107,11 @@ def test_sigterm_saves_a_checkpoint_exits_130_and_resumes_exactly(runs):
     match = re.search(r"Error: SIGTERM: stopped (.*?); checkpoint saved\. "
                       r"Resume with: segtrain fit (\S+) --resume --out (\S+)", output)
     assert match, output[-3000:]
-    assert match.group(2) == str(config) and match.group(3) == str(run)
+    assert match.group(2) == str(run / "config.yaml") and match.group(3) == str(run)
     # the checkpoint was written at the step the message names
     latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     assert latest.endswith(f"ckpt-{stopped_at_step(match.group(1), STEPS)}")
 
-    result = invoke("fit", config, "--out", run, "--resume")
+    result = invoke("fit", match.group(2), "--out", match.group(3), "--resume")  # the command it printed
     assert result.exit_code == 0, result.output
     assert_same_run(run, base / "full")

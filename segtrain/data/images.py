@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ from segtrain.atomic import atomic_path
 from segtrain.errors import DataError
 
 DEFAULT_MAX_PIXELS = 100_000_000
+
+Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard is off: _open checks data.max_image_pixels from the header
 
 
 def _too_large(path: Path, width: int, height: int, max_pixels: int) -> DataError:
@@ -24,15 +25,11 @@ def _too_large(path: Path, width: int, height: int, max_pixels: int) -> DataErro
 def _open(path: Path, max_pixels: int) -> Image.Image:
     """Open and decode an image; the pixel limit is checked from the header, before decoding."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)  # reads the header only
+        image = Image.open(path)  # reads the header only
         width, height = image.size
         if width * height > max_pixels:
             raise _too_large(path, width, height, max_pixels)
         image.load()
-    except Image.DecompressionBombError:  # Pillow's own guard, far above any sane max_pixels
-        raise _too_large(path, *Image.open(path).size, max_pixels) from None
     except FileNotFoundError:
         raise DataError(f"{path}: file not found.") from None
     except (OSError, SyntaxError, ValueError) as exc:
