@@ -340,3 +340,16 @@ def test_validation_labeler_follows_the_decision_rule():
     cost = [[0, 1, 1], [1, 0, 1], [1, 10, 0]]  # calling class 2 a 1 is expensive
     assert logits_labeler("argmax")(three).numpy().ravel().tolist() == [1]
     assert logits_labeler("cost", None, cost)(three).numpy().ravel().tolist() == [2]
+
+
+@pytest.mark.slow
+def test_early_stopping_counts_only_validated_epochs(stalled, float32_policy):
+    """With validate_every 2, patience 2 means two validated epochs without improvement (epochs 4 and 6)."""
+    base, config, _ = stalled
+    result = invoke("fit", config, "--out", base / "every2", "--set", "train.validate_every=2",
+                    "--set", "train.early_stopping_patience=2", "--set", "train.schedule=constant")
+    assert result.exit_code == 0, result.output
+    rows = history(base / "every2")
+    # epoch 2 is the first validated epoch and sets the best; 4 and 6 stall; unvalidated 3 and 5 do not count
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [bool(r["val_pixel_accuracy"]) for r in rows] == [False, True, False, True, False, True]
