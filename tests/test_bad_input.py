@@ -136,6 +136,9 @@ FIT_CASES = {
     "cpu_devices_env": (_cpu_env, "SEGTRAIN_CPU_DEVICES='two': expected a positive integer"),
     "multi_worker_without_tf_config": (_tf_config(None), "multi_worker needs the cluster in the TF_CONFIG"),
     "multi_worker_bad_tf_config": (_tf_config("{not json"), "TF_CONFIG: not valid JSON"),
+    "multi_worker_index_outside_cluster": (
+        _tf_config('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 5}}'),
+        "TF_CONFIG: task 'worker' index 5 is not in the cluster"),
 }
 
 

@@ -56,6 +56,16 @@ def _tf_config() -> Optional[dict]:
         raise ConfigError("TF_CONFIG: not valid JSON; see the README's multi-machine section.") from None
     if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict):
         raise ConfigError('TF_CONFIG: expected {"cluster": {...}, "task": {"type": ..., "index": ...}}.')
+    task = value.get("task", {})
+    if isinstance(task, dict) and "type" in task:
+        members = value["cluster"].get(task["type"])
+        index = task.get("index", 0)
+        if not isinstance(members, list) or not isinstance(index, int) or not 0 <= index < len(members):
+            raise ConfigError(
+                f"TF_CONFIG: task {task.get('type')!r} index {index!r} is not in the cluster "
+                f"({', '.join(f'{k}: {len(v)}' for k, v in value['cluster'].items() if isinstance(v, list))}); "
+                "give each process its own index from 0."
+            )
     return value
 
 
