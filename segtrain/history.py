@@ -37,14 +37,30 @@ def _csv_value(value) -> str:
     return str(value)
 
 
+# The direction of each history column (train.py writes them; config.monitor_columns lists them), decided
+# by the whole name or a fixed prefix, never by a substring: a class may be named `gloss` or `cost`.
+# Lower is better only for the losses (history has no cost column; add one here if it ever gets one).
+LOWER_IS_BETTER = frozenset({"loss", "val_loss"})
+HIGHER_IS_BETTER = frozenset({"val_mean_iou", "val_pixel_accuracy"})
+HIGHER_IS_BETTER_PREFIXES = ("val_iou_", "val_dice_")  # followed by a class name, whatever it is
+
+
+def lower_is_better(monitor: str) -> bool:
+    """Whether a smaller value of a history column is better, from the column's kind."""
+    if monitor in LOWER_IS_BETTER:
+        return True
+    if monitor in HIGHER_IS_BETTER or monitor.startswith(HIGHER_IS_BETTER_PREFIXES):
+        return False
+    raise ValueError(f"{monitor!r} is not a history column that can be monitored")
+
+
 def is_better(monitor: str, value: Optional[float], best: Optional[float]) -> bool:
     """Whether `value` of the monitored column beats `best` (lower is better for losses and costs)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
     if best is None:
         return True
-    lower_is_better = "loss" in monitor or "cost" in monitor
-    return value < best if lower_is_better else value > best
+    return value < best if lower_is_better(monitor) else value > best
 
 
 def write_scalars(writer, row: dict, epoch: int) -> None:
