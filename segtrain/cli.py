@@ -67,7 +67,7 @@ def fit(config_path, overrides, out, resume, overwrite):
 @cli.command("eval")
 @click.option("--checkpoint", type=click.Path(), help="Run folder or .keras file (default: newest run under runs/).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Data set root (default: the run's data.root).")
-@click.option("--split", default="val", show_default=True, help="Split folder to evaluate.")
+@click.option("--split", help="Split folder to evaluate (default: the run's data.val_split).")
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: RUN/eval_<split>).")
 @click.option("--decision", type=click.Choice(["argmax", "cost", "threshold"]), help="Decision rule (default: the config's).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),

@@ -251,14 +251,16 @@ def _overlay(image: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndar
     return np.clip(rgb * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8)
 
 
-def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], split: str, out_dir: Optional[Path],
-                        decision: Optional[str], threshold: Optional[float], relaxed_rho: Optional[float] = None,
-                        log=click.echo) -> dict:
-    """`segtrain eval`: metrics of a run's model on a labelled split."""
+def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], split: Optional[str],
+                        out_dir: Optional[Path], decision: Optional[str], threshold: Optional[float],
+                        relaxed_rho: Optional[float] = None, log=click.echo) -> dict:
+    """`segtrain eval`: metrics of a run's model on a labelled split (default: the run's data.val_split)."""
     from segtrain.reports import write_metrics_json
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
     config = run_config(run_dir)
+    if split is None:
+        split = config.data.val_split
     if data_root is not None:
         config.data.root = data_root
     pairs = find_pairs(config.data.root, split)

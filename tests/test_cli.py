@@ -203,3 +203,31 @@ def test_resume_refuses_a_changed_config_but_allows_more_epochs(trained, tmp_pat
     assert result.exit_code == 2 and "data.crop" in result.output
     assert f"segtrain fit {copy / 'config.yaml'} --resume --out {copy}" in result.output
     assert folder_digest(copy) == before
+
+
+def test_eval_defaults_to_the_runs_own_val_split(tmp_path):
+    """A run trained with data.val_split: test is evaluated on test/ (there is no val/); --split still wins."""
+    root = make_stripes_dataset(tmp_path / "stripes", n_train=3, n_val=2)
+    (root / "val").rename(root / "test")
+    config = write_config(tmp_path / "tiny.yaml", root, CLI_TINY, data={"val_split": "test", "batch_size": 2},
+                          train={"epochs": 1, "steps_per_epoch": 1})
+    run = tmp_path / "run"
+    result = invoke("fit", config, "--out", run)
+    assert result.exit_code == 0, result.output
+
+    result = invoke("eval", "--checkpoint", run)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "eval_test" / "metrics.json").read_text())
+    assert metrics["split"] == "test"
+    assert np.array(metrics["confusion_matrix"]).sum() == 2 * 32 * 32  # the 2 test images, all labelled
+    # fit scored best.keras on the same split: the same confusion matrix
+    assert metrics["confusion_matrix"] == json.loads((run / "metrics.json").read_text())["confusion_matrix"]
+
+    result = invoke("eval", "--checkpoint", run, "--split", "train")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "eval_train" / "metrics.json").read_text())
+    assert metrics["split"] == "train" and np.array(metrics["confusion_matrix"]).sum() == 3 * 32 * 32
+
+    result = invoke("eval", "--checkpoint", run, "--split", "val")
+    assert result.exit_code == 2 and "split folder not found" in result.output
+    assert "Traceback" not in result.output and result.output.count("Error:") == 1
