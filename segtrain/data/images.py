@@ -1,4 +1,23 @@
-"""Reading images and raw masks from disk with Pillow, with clear errors for bad files."""
+"""Reading images and raw masks from disk with Pillow, with clear errors for bad files.
+
+Image values (`read_image`) always come out in the range of 8-bit data, 0..255 (the model
+rescales that to [-1, 1]), by one fixed rule per sample type, never by an image's own
+content, so the same stored value gives the same model input in every image of a data set:
+
+```
+8-bit and 1-bit images (L, RGB, P, ...)    v                   (as they are)
+unsigned integers of b bits (I;16*, ...)   v * 255 / (2**b - 1)  (16-bit: v * 255 / 65535)
+signed integers of b bits                  v * 255 / (2**(b-1) - 1)  (0 stays 0, negatives < 0)
+floating point (mode F)                    v * 255             ([0, 1] -> 0..255)
+```
+b and the sign are the file's declared sample type: a TIFF's BitsPerSample / SampleFormat
+(int16, uint16, 12-bit, int32 and uint32 TIFFs alike; Pillow keeps uint32 values above
+2**31 - 1 only wrapped), 16 bits unsigned for any other 16-bit file (Pillow's `I;16`,
+`I;16B`, `I;16L`, ... modes: PNG, ...) and for 16-bit PGM (Pillow stretches it to
+0..65535), otherwise 32 bits signed (Pillow's `I`). Values outside the range (floats
+outside [0, 1], negative integers) are passed on unclipped. Every 16-bit, 32-bit and float
+mode is one channel.
+"""
 
 from __future__ import annotations
 
@@ -37,11 +56,36 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return image
 
 
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
+
+
+def _is_gray(mode: str) -> bool:
+    """Single-channel Pillow modes, every 16-bit one (`I;16`, `I;16B`, `I;16L`, `I;16N`) included."""
+    return mode in _GRAY_MODES or mode.startswith("I;16")
+
+
+def _tag(image: Image.Image, number: int, default: int) -> int:
+    value = image.tag_v2.get(number, default)
+    return int(value[0] if isinstance(value, tuple) else value)
+
+
+def _integer_peak(image: Image.Image) -> float:
+    """The value that maps to 255: the largest value of the file's integer sample type."""
+    if getattr(image, "tag_v2", None) is not None:  # a TIFF: its declared samples
+        bits = _tag(image, 258, 1)  # BitsPerSample
+        signed = _tag(image, 339, 1) == 2  # SampleFormat: 1 unsigned, 2 signed
+        if 1 < bits <= 32:
+            return float(2 ** (bits - 1) - 1 if signed else 2**bits - 1)
+    if image.mode.startswith("I;16") or image.format == "PPM":
+        return 65535.0
+    return float(2**31 - 1)
+
+
 def image_channels(path: Path) -> int:
-    """1 for a grayscale image, 3 for colour (alpha dropped); read from the header."""
+    """1 for grayscale (every 16-bit, 32-bit and float mode), 3 for colour (alpha dropped); from the header."""
     try:
         with Image.open(path) as image:
-            return 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+            return 1 if _is_gray(image.mode) else 3
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the image ({exc}). Replace or remove the corrupt file.") from None
 
@@ -57,11 +101,15 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def read_image(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An H x W x channels float32 array of pixel values in 0..255 (16-bit images are rescaled)."""
+    """An H x W x channels float32 array in the range of 8-bit data, 0..255.
+
+    16-bit, 32-bit and float images are scaled by their sample type's fixed rule (module
+    doc), never by their own maximum.
+    """
     image = _open(Path(path), max_pixels)
-    if image.mode in ("I;16", "I;16B", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+    if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 1.0 if image.mode == "F" else _integer_peak(image)
         array = array * (255.0 / peak)
         array = array[..., None] if channels == 1 else np.repeat(array[..., None], 3, axis=-1)
         return array.astype(np.float32)
