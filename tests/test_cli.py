@@ -231,3 +231,28 @@ def test_eval_defaults_to_the_runs_own_val_split(tmp_path):
     result = invoke("eval", "--checkpoint", run, "--split", "val")
     assert result.exit_code == 2 and "split folder not found" in result.output
     assert "Traceback" not in result.output and result.output.count("Error:") == 1
+
+
+def test_fit_on_whole_images_of_two_sizes_with_batches_of_two(tmp_path):
+    """data.crop: null with images of different sizes, none a multiple of 2**depth, and batch_size 2."""
+    from tests.conftest import write_pair
+
+    rng = np.random.default_rng(2)
+    sizes = [(20, 12), (9, 26), (17, 17)]
+    root = tmp_path / "sizes"
+    for i, (h, w) in enumerate(sizes):
+        mask = np.zeros((h, w), np.uint8)
+        mask[:, w // 3 : w // 3 + 3] = 255
+        image = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+        for split in ("train", "val"):
+            write_pair(root, split, f"img{i}", image, mask)
+    config = write_config(tmp_path / "whole.yaml", root, CLI_TINY, data={"crop": None, "batch_size": 2},
+                          train={"epochs": 1, "steps_per_epoch": 2})
+    result = invoke("fit", config, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    # validation (batches of 2 padded images) and the final metrics count the real pixels only
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert np.array(metrics["confusion_matrix"]).sum() == sum(h * w for h, w in sizes)
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "val_loss" in history[0]

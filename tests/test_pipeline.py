@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
@@ -81,3 +82,77 @@ def test_disk_cache_streams_the_same_examples_in_a_seeded_order(stripes, tmp_pat
     # one pass holds every training mask exactly once
     expected = sorted((np.asarray(Image.open(p.mask)) > 127).tobytes() for p in pairs)
     assert sorted(m[0].astype(bool).tobytes() for m in first) == expected
+
+
+WHOLE_SIZES = {"tall": (20, 12), "wide": (9, 26)}
+"""Two image sizes, neither a multiple of 8; padded to (24, 16) and (16, 32), a batch of both to (24, 32)."""
+
+
+def _write_two_sizes(root):
+    from tests.conftest import write_pair
+
+    rng = np.random.default_rng(5)
+    for stem, (h, w) in WHOLE_SIZES.items():
+        image = rng.integers(1, 255, (h, w, 3)).astype(np.uint8)  # no 0: padded pixels are told apart
+        mask = np.where(rng.random((h, w)) < 0.3, 255, 0).astype(np.uint8)
+        for split in ("train", "val"):
+            write_pair(root, split, stem, image, mask)
+    return root
+
+
+def _originals(root, split):
+    return {p.image.stem: (np.asarray(Image.open(p.image), np.float32), (np.asarray(Image.open(p.mask)) > 127))
+            for p in find_pairs(root, split)}
+
+
+def _check_whole_image_batch(images, masks, originals):
+    """Each element is its original image at the top left, then image 0 and mask IGNORE_INDEX."""
+    assert images.shape == (2, 24, 32, 3) and masks.shape == (2, 24, 32)  # multiples of 8
+    seen = set()
+    for image, mask in zip(images.numpy(), masks.numpy()):
+        stem = next(s for s, (h, w) in WHOLE_SIZES.items() if (mask != IGNORE_INDEX).sum() == h * w)
+        h, w = WHOLE_SIZES[stem]
+        original_image, original_mask = originals[stem]
+        assert np.array_equal(image[:h, :w], original_image) and np.array_equal(mask[:h, :w], original_mask)
+        padded = np.ones(mask.shape, bool)
+        padded[:h, :w] = False
+        assert (mask[padded] == IGNORE_INDEX).all() and (image[padded] == 0).all()
+        seen.add(stem)
+    assert seen == set(WHOLE_SIZES)
+
+
+def test_whole_images_of_two_sizes_are_padded_per_batch_to_a_multiple(tmp_path):
+    root = _write_two_sizes(tmp_path)
+    spec = spec_for(root, crop=None, batch_size=2, augment=AugmentConfig(flip=False, rotate90=False))
+    images, masks = next(iter(training_dataset(find_pairs(root, "train"), spec)))
+    _check_whole_image_batch(images, masks, _originals(root, "train"))
+    images, masks = next(iter(evaluation_dataset(find_pairs(root, "val"), spec, 2)))
+    _check_whole_image_batch(images, masks, _originals(root, "val"))
+
+
+def test_padding_of_whole_image_batches_does_not_change_the_loss(tmp_path):
+    from segtrain.losses import build_loss
+
+    root = _write_two_sizes(tmp_path)
+    spec = spec_for(root, crop=None, batch_size=2, augment=AugmentConfig(flip=False, rotate90=False))
+    _, masks = next(iter(training_dataset(find_pairs(root, "train"), spec)))
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (*masks.shape, 1)).astype(np.float32)
+    labels = masks.numpy()
+    valid = labels != IGNORE_INDEX
+    logits[~valid] = 50.0  # padded pixels would weigh heavily if they counted
+    assert valid.sum() == sum(h * w for h, w in WHOLE_SIZES.values())
+
+    # cross-entropy: the mean over the valid pixels, computed here with numpy
+    cross_entropy = build_loss({"terms": [{"name": "cross_entropy"}]}, ["bg", "stripe"])
+    z, y = logits[..., 0][valid].astype(np.float64), labels[valid]
+    log_sigmoid = -np.logaddexp(0, -z)
+    log_one_minus = -np.logaddexp(0, z)
+    expected = -np.mean(np.where(y == 1, log_sigmoid, log_one_minus))
+    assert float(cross_entropy(masks, logits)) == pytest.approx(expected, rel=1e-5)
+
+    # the configured sum with a pooled overlap term: the same as over the valid pixels alone, unpadded
+    combined = build_loss({"terms": [{"name": "cross_entropy"}, {"name": "jaccard", "weight": 0.5}]}, ["bg", "stripe"])
+    only_valid = float(combined(tf.constant(y[None, None, :].astype(np.int32)),
+                                tf.constant(logits[valid][None, None, :, :])))
+    assert float(combined(masks, logits)) == pytest.approx(only_valid, rel=1e-5)

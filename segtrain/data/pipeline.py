@@ -131,9 +131,10 @@ def training_dataset(pairs: list[Pair], spec: DataSpec, cache_dir: Optional[Path
         return augment(image, mask, seed, crop, flip, rotate90)
 
     ds = ds.map(augment_indexed, num_parallel_calls=AUTOTUNE, deterministic=True)
-    if crop is None:
-        ds = ds.map(lambda image, mask: _pad_to_multiple(image, mask, spec.divisor), num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(data.batch_size, drop_remainder=True)
+    if crop is None:  # whole images, of any sizes
+        ds = whole_image_batches(ds, spec, data.batch_size, drop_remainder=True)
+    else:
+        ds = ds.batch(data.batch_size, drop_remainder=True)
     return ds.prefetch(AUTOTUNE)
 
 
@@ -144,15 +145,26 @@ def _pad_to_multiple(image, mask, divisor: int):
     return _pad_to_at_least(image, mask, height, width)
 
 
-def evaluation_dataset(pairs: list[Pair], spec: DataSpec, batch_size: int) -> tf.data.Dataset:
-    """Whole images padded to a multiple of 2**depth (padding ignored), in order, cached in memory."""
-    decode = _decode_fn(spec)
-    ds = _file_dataset(pairs).map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.map(lambda image, mask: _pad_to_multiple(image, mask, spec.divisor), num_parallel_calls=AUTOTUNE)
-    ds = ds.cache()
-    ds = ds.padded_batch(
+def whole_image_batches(ds: tf.data.Dataset, spec: DataSpec, batch_size: int,
+                        drop_remainder: bool = False) -> tf.data.Dataset:
+    """Batches of (image, mask) pairs of any sizes, the one padding of whole images (training and evaluation).
+
+    Each pair is padded (bottom/right) to a multiple of 2**depth, then the batch to its largest
+    pair, itself a multiple, so the U-Net accepts every batch. Padded mask pixels are
+    IGNORE_INDEX and count in no loss and no metric; padded image pixels are 0.
+    """
+    ds = ds.map(lambda image, mask: _pad_to_multiple(image, mask, spec.divisor), num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+    return ds.padded_batch(
         batch_size,
         padded_shapes=([None, None, spec.channels], [None, None]),
         padding_values=(0.0, IGNORE_INDEX),
+        drop_remainder=drop_remainder,
     )
-    return ds.prefetch(AUTOTUNE)
+
+
+def evaluation_dataset(pairs: list[Pair], spec: DataSpec, batch_size: int) -> tf.data.Dataset:
+    """Whole images padded to a multiple of 2**depth (padding ignored), in order, cached in memory."""
+    decode = _decode_fn(spec)
+    ds = _file_dataset(pairs).map(decode, num_parallel_calls=AUTOTUNE, deterministic=True).cache()
+    return whole_image_batches(ds, spec, batch_size).prefetch(AUTOTUNE)
