@@ -2,13 +2,23 @@
 
 Rules:
 ```
-argmax     y = argmax_j p_j
+argmax     y = argmax_j p_j                         (two classes: 1 if p_fg >= 0.5)
 cost       y = argmin_j sum_i p_i C[i][j]          (expected cost of predicting j)
 threshold  y = 1 if p_fg >= threshold else 0        (two classes only)
 ```
-For two classes with `C = [[0, fp], [fn, 0]]` the cost rule predicts foreground exactly
-when `p_fg > fp / (fp + fn)` (`binary_threshold`); at an exact tie it keeps class 0, while
-the threshold rule (`>=`) picks foreground.
+Ties, one rule everywhere: with two classes a tie goes to the foreground (class 1). So a
+binary pixel is foreground exactly when p_fg >= 0.5 under argmax (a logit of exactly 0,
+p_fg = 0.5, is foreground), when p_fg >= threshold under threshold, and when predicting
+foreground costs no more than background under cost (with `C = [[0, fp], [fn, 0]]` that is
+`p_fg >= fp / (fp + fn)`, `binary_threshold`). With three or more classes a tie goes to
+the lowest class index (arg-max / arg-min order).
+
+Logits become probabilities by `probabilities_tf` (sigmoid -> [1 - p, p] for one channel,
+softmax otherwise, in float32) and probabilities labels by `decide` / `decide_tf`:
+validation (`segtrain.metrics.labels_from_logits`), tiled prediction
+(`segtrain.inference`), evaluation and predict all go through them, so they label every
+pixel alike. (In float32 a logit within about 6e-8 below 0 also has sigmoid exactly 0.5 and is
+foreground: the rule is on the probability.)
 
 `probs` is (..., K); a last axis of size 1 is read as the foreground probability of a
 binary (sigmoid) model, i.e. K = 2.
@@ -56,8 +66,23 @@ def _two_class(probs):
     return probs
 
 
+def probabilities_tf(logits):
+    """Logits (..., C) -> float32 probabilities (..., K): C == 1 is binary (sigmoid, K = 2
+    channels [1 - p, p]), C >= 2 softmax (K = C). Every path from logits to labels uses it."""
+    import tensorflow as tf
+
+    logits = tf.cast(logits, tf.float32)
+    if logits.shape[-1] == 1:
+        p = tf.sigmoid(logits)
+        return tf.concat([1.0 - p, p], axis=-1)
+    return tf.nn.softmax(logits, axis=-1)
+
+
 def decide(probs, rule="argmax", threshold=None, cost_matrix=None):
     """Class index per pixel from probabilities (..., K) -> int64 array (...).
+
+    Two classes: foreground when p_fg >= 0.5 (argmax), p_fg >= threshold (threshold), or
+    when its expected cost is <= that of background (cost); ties go to class 1 (module doc).
 
     Args:
         probs: class probabilities, last axis K (or 1 = foreground probability).
@@ -72,15 +97,19 @@ def decide(probs, rule="argmax", threshold=None, cost_matrix=None):
     probs = _two_class(np.asarray(probs, np.float64))
     k = probs.shape[-1]
     matrix = _check(rule, k, threshold, cost_matrix)
+    if k == 2 and rule != "cost":
+        cut = 0.5 if rule == "argmax" else float(threshold)
+        return (probs[..., 1] >= cut).astype(np.int64)
     if rule == "argmax":
         return np.argmax(probs, axis=-1)
-    if rule == "threshold":
-        return (probs[..., 1] >= float(threshold)).astype(np.int64)
-    return np.argmin(probs @ matrix, axis=-1)
+    expected = probs @ matrix
+    if k == 2:
+        return (expected[..., 1] <= expected[..., 0]).astype(np.int64)
+    return np.argmin(expected, axis=-1)
 
 
 def decide_tf(probs, rule="argmax", threshold=None, cost_matrix=None):
-    """TensorFlow twin of `decide` for use inside `tf.function` (int64 tensor)."""
+    """TensorFlow twin of `decide` for use inside `tf.function` (int64 tensor), same ties."""
     import tensorflow as tf
 
     probs = tf.cast(probs, tf.float32)
@@ -88,16 +117,20 @@ def decide_tf(probs, rule="argmax", threshold=None, cost_matrix=None):
         probs = tf.concat([1.0 - probs, probs], axis=-1)
     k = probs.shape[-1]
     matrix = _check(rule, k, threshold, cost_matrix)
+    if k == 2 and rule != "cost":
+        cut = 0.5 if rule == "argmax" else float(threshold)
+        return tf.cast(probs[..., 1] >= cut, tf.int64)
     if rule == "argmax":
         return tf.argmax(probs, axis=-1)
-    if rule == "threshold":
-        return tf.cast(probs[..., 1] >= float(threshold), tf.int64)
     expected = tf.tensordot(probs, tf.constant(matrix, tf.float32), axes=[[-1], [0]])
+    if k == 2:
+        return tf.cast(expected[..., 1] <= expected[..., 0], tf.int64)
     return tf.argmin(expected, axis=-1)
 
 
 def binary_threshold(cost_matrix):
-    """Foreground threshold `fp / (fp + fn)` equivalent to the cost rule for two classes."""
+    """Foreground threshold `fp / (fp + fn)` equivalent to the cost rule for two classes
+    (foreground when p_fg >= it, up to rounding)."""
     matrix = np.asarray(cost_matrix, np.float64)
     if matrix.shape != (2, 2):
         raise ConfigError(f"a threshold from costs needs a 2 x 2 cost matrix, got {matrix.shape}.")

@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from segtrain.decision import probabilities_tf
+
 WINDOW_FLOOR = 1e-3
 """Smallest window weight: pixels seen only by a tile border (image borders) still count."""
 
@@ -102,12 +104,7 @@ def _probability_fn(model):
             x = tf.reverse(x, axis=[2])
         if vflip:
             x = tf.reverse(x, axis=[1])
-        logits = tf.cast(get_model()(x, training=False), tf.float32)
-        if logits.shape[-1] == 1:
-            p = tf.sigmoid(logits)
-            probs = tf.concat([1.0 - p, p], axis=-1)
-        else:
-            probs = tf.nn.softmax(logits, axis=-1)
+        probs = probabilities_tf(get_model()(x, training=False))  # the one logits -> probabilities map
         if hflip:
             probs = tf.reverse(probs, axis=[2])
         if vflip:

@@ -26,6 +26,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
+from segtrain.decision import decide_tf, probabilities_tf
 from segtrain.labels import IGNORE_INDEX
 
 
@@ -79,15 +80,15 @@ def confusion_matrix_np(y_true, y_pred, num_classes, ignore_index=IGNORE_INDEX):
 
 
 def labels_from_logits(logits):
-    """Turns logits (B, H, W, C) into a class map (B, H, W) of int32.
+    """Turns logits (B, H, W, C) into a class map (B, H, W) of int32, by the argmax rule.
 
-    C == 1 is binary: class 1 where sigmoid(logit) >= 0.5, i.e. logit >= 0.
-    C >= 2: the argmax over the last axis. Computed in float32 (float16 logits welcome).
+    C == 1 is binary: class 1 where sigmoid(logit) >= 0.5, i.e. logit >= 0 up to float32
+    rounding (a logit of exactly 0 is foreground). C >= 2: the argmax of the softmax (ties to the lowest index).
+    Computed in float32 (float16 logits welcome) through `segtrain.decision.probabilities_tf`
+    and `decide_tf`, the same functions as prediction and evaluation, so a pixel gets the
+    same label in validation as from `predict` / `evaluate`.
     """
-    logits = tf.cast(logits, tf.float32)
-    if logits.shape[-1] == 1:
-        return tf.cast(logits[..., 0] >= 0.0, tf.int32)
-    return tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.cast(decide_tf(probabilities_tf(logits), "argmax"), tf.int32)
 
 
 class ConfusionMatrix(keras.metrics.Metric):

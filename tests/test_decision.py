@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from segtrain.decision import binary_threshold, decide, decide_tf  # noqa: E402
+from segtrain.decision import binary_threshold, decide, decide_tf, probabilities_tf  # noqa: E402
 from segtrain.errors import ConfigError  # noqa: E402
 
 
@@ -49,11 +49,11 @@ def test_binary_cost_rule_equals_threshold_fp_over_fp_plus_fn(fp, fn):
     t = binary_threshold(costs)
     assert t == pytest.approx(fp / (fp + fn))
     p_fg = np.random.default_rng(fp * 7 + fn).uniform(size=2000)
-    p_fg = p_fg[np.abs(p_fg - t) > 1e-9]  # exact ties break differently (see module doc)
+    p_fg = p_fg[np.abs(p_fg - t) > 1e-9]  # off the boundary: rounding of p @ C vs t (ties below)
     probs = np.stack([1 - p_fg, p_fg], -1)
     by_cost = decide(probs, "cost", cost_matrix=costs)
     np.testing.assert_array_equal(by_cost, decide(probs, "threshold", threshold=t))
-    np.testing.assert_array_equal(by_cost, (p_fg > t).astype(int))
+    np.testing.assert_array_equal(by_cost, (p_fg >= t).astype(int))
     # One sigmoid channel is read as the foreground probability.
     np.testing.assert_array_equal(decide(p_fg[:, None], "cost", cost_matrix=costs), by_cost)
 
@@ -94,3 +94,35 @@ def test_threshold_needs_a_value():
 def test_tf_version_agrees(k, kwargs):
     probs = random_probs(k, seed=4).astype(np.float32)
     np.testing.assert_array_equal(decide_tf(probs, **kwargs).numpy(), decide(probs, **kwargs))
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,)])  # one sigmoid channel, or [1 - p, p]
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rule": "argmax"},
+        {"rule": "threshold", "threshold": 0.5},
+        {"rule": "cost", "cost_matrix": [[0, 1], [1, 0]]},  # Bayes threshold 1 / (1 + 1) = 0.5
+        {"rule": "cost", "cost_matrix": [[0, 3], [1, 0]]},  # threshold 3 / (3 + 1) = 0.75
+    ],
+)
+def test_two_class_ties_go_to_foreground_in_every_rule(shape, kwargs):
+    # One rule: a binary pixel is foreground when p_fg >= t (t = 0.5, the threshold, or
+    # fp / (fp + fn)). At p_fg = t exactly every rule and both twins say 1; just below, 0.
+    t = 0.75 if kwargs.get("cost_matrix") == [[0, 3], [1, 0]] else 0.5
+    p_fg = np.array([t, np.nextafter(np.float32(t), np.float32(0)), 0.0, 1.0], np.float32)
+    probs = p_fg[:, None] if shape == (1,) else np.stack([1 - p_fg, p_fg], -1)
+    expected = [1, 0, 0, 1]
+    np.testing.assert_array_equal(decide(probs, **kwargs), expected)
+    np.testing.assert_array_equal(decide_tf(probs, **kwargs).numpy(), expected)
+
+
+def test_probabilities_tf_binary_and_softmax():
+    logits = np.array([[0.0], [2.0], [-1.0]], np.float32)
+    p = 1 / (1 + np.exp(-logits[:, 0]))  # by hand: 0.5, 0.8808, 0.2689
+    np.testing.assert_allclose(probabilities_tf(logits).numpy(), np.stack([1 - p, p], -1), rtol=1e-6)
+    multi = np.array([[1.0, 2.0, 3.0]], np.float32)
+    e = np.exp(multi - 3.0)
+    np.testing.assert_allclose(probabilities_tf(multi).numpy(), e / e.sum(-1, keepdims=True), rtol=1e-6)
+    # A logit of exactly 0 is p = 0.5, which the argmax rule calls foreground.
+    assert decide(probabilities_tf(np.zeros((1, 1), np.float32)).numpy()) == [1]

@@ -263,3 +263,22 @@ def test_bad_arguments_raise(kwargs, match):
     model = pointwise_model(1, 2)
     with pytest.raises(ValueError, match=match):
         predict_probabilities(model, np.zeros((40, 40, 1), "float32"), divisor=DIVISOR, **kwargs)
+
+
+def test_zero_logit_is_foreground_in_prediction_as_in_validation():
+    # An identity "model": the image is the logit map. A logit of exactly 0 must be labelled
+    # the same by prediction (probabilities -> decide) as by validation (labels_from_logits).
+    from segtrain.decision import decide
+    from segtrain.metrics import labels_from_logits
+
+    inp = keras.Input((None, None, 1))
+    model = keras.Model(inp, layers.Identity()(inp))
+    logits = np.zeros((8, 8, 1), np.float32)
+    logits[0, :4, 0] = [-1.0, 1.0, -1e-8, -1e-6]
+    probs = predict_probabilities(model, logits, tile_size=8, divisor=DIVISOR)
+    assert probs[1, 1, 1] == 0.5  # sigmoid(0) exactly
+    labels = decide(probs)
+    np.testing.assert_array_equal(labels, labels_from_logits(logits[None]).numpy()[0])
+    assert labels[1:].all() and labels[0, 4:].all()  # every exact 0 is foreground
+    assert labels[0, :4].tolist() == [0, 1, int(probs[0, 2, 1] >= 0.5), 0]
+    np.testing.assert_array_equal(decide(probs, "threshold", threshold=0.5), labels)

@@ -120,6 +120,31 @@ def test_labels_from_logits_binary_and_multiclass():
     np.testing.assert_array_equal(labels_from_logits(multi).numpy(), [[[1, 0]]])
 
 
+
+def test_labels_from_logits_follow_the_decision_rule_of_predict_and_evaluate():
+    # Validation labels (labels_from_logits) and predict/evaluate labels (probabilities ->
+    # decide / decide_tf) must agree pixel for pixel, ties included: a logit of exactly 0 is
+    # p = 0.5 exactly, which is foreground everywhere (decide read [0.5, 0.5] as class 0).
+    from segtrain.decision import decide, decide_tf, probabilities_tf
+
+    binary = np.array([0.0, -0.0, 1e-8, -1e-8, -1e-7, -3.0, 3.0], np.float32).reshape(1, 1, 7, 1)
+    assert labels_from_logits(binary).numpy()[0, 0, :2].tolist() == [1, 1]
+    assert decide(np.array([[0.5]])).tolist() == [1] and decide(np.array([[0.5, 0.5]])).tolist() == [1]
+    # Multi-class: logits 1e-9 apart have equal float32 softmax; ties go to the lowest index.
+    multi = np.array([[0.0, 1e-9, -5.0], [1.0, 1.0, 0.0], [0.1, 2.0, -1.0], [5.0, 0.0, 4.9]], np.float32)
+    multi = multi.reshape(1, 1, 4, 3)
+    assert labels_from_logits(multi).numpy().tolist() == [[[0, 0, 1, 0]]]
+    for logits in (binary, multi):
+        probs = probabilities_tf(logits).numpy()
+        got = labels_from_logits(logits).numpy()
+        np.testing.assert_array_equal(got, decide(probs))
+        np.testing.assert_array_equal(got, decide_tf(probs).numpy())
+        np.testing.assert_array_equal(got, tf.function(labels_from_logits)(tf.constant(logits)).numpy())
+    # The binary rule by hand: foreground where float32 sigmoid(logit) >= 0.5.
+    p = tf.sigmoid(tf.constant(binary[..., 0])).numpy()
+    np.testing.assert_array_equal(labels_from_logits(binary).numpy(), (p >= 0.5).astype(int))
+
+
 DISTRIBUTED_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
