@@ -18,8 +18,13 @@ Cap (`max_weight` M >= 1): the final weights satisfy both `w_c <= M` and
 classes are rescaled so the invariant holds (repeated until no weight exceeds M). M must be
 >= 1 because the weights average to 1.
 
-Classes absent from the training set (count 0) get weight 1.0 (the average weight; they
-take no part in `sum_c p_c w_c`) and a warning.
+Classes absent from the training set (count 0) take no part in `sum_c p_c w_c` and raise
+a warning. A strategy has no weight for them (it needs their frequency), so they get 1.0,
+the average weight. An explicit list does give one: it is scaled by the same factor as the
+other classes (with a cap, the factor of the uncapped classes, then capped like them), so
+the list's ratios hold for every class it names: `[1, 10, 5]` on counts `[900, 100, 0]`
+gives `[1, 10, 5] / 1.9`. (The weight of an absent class still matters: in the validation
+loss and in region losses, which also count false positives of the class.)
 """
 
 import math
@@ -136,12 +141,14 @@ def _raw_weights(strategy, counts, image_pixels):
 def scale_weights(raw, frequencies, max_weight=None):
     """Scale weights so `sum_c p_c w_c = 1`, then cap at `max_weight` keeping that invariant.
 
-    NaN entries (absent classes) become 1.0. Classes with p_c = 0 are left as they are
-    (they do not enter the sum; with a cap they are also capped).
+    NaN entries (absent classes of a strategy) become 1.0. Other classes with p_c = 0
+    (absent classes of an explicit list) do not enter the sum but are scaled by the same
+    factor as the uncapped classes, and capped like them.
     """
     w = np.asarray(raw, float).copy()
     p = np.asarray(frequencies, float)
-    w[np.isnan(w)] = 1.0
+    unknown = np.isnan(w)
+    w[unknown] = 1.0
     if max_weight is not None and max_weight < 1:
         raise ConfigError(f"loss.max_weight: must be >= 1 (weights average 1), got {max_weight}.")
     mass = float(np.sum(p * w))
@@ -151,14 +158,14 @@ def scale_weights(raw, frequencies, max_weight=None):
         raise ConfigError(
             "loss.class_weights: the weights of all classes present in the data are 0."
         )
-    present = p > 0
+    known = ~unknown  # every class with a weight of its own, present or not
     scaled = w.copy()
-    scaled[present] = w[present] / mass
+    scaled[known] = w[known] / mass
     if max_weight is None:
         return scaled
-    capped = np.zeros_like(present)
+    capped = np.zeros_like(known)
     for _ in range(w.size):
-        free = present & ~capped
+        free = known & ~capped
         rest = 1.0 - max_weight * float(np.sum(p[capped]))
         free_mass = float(np.sum(p[free] * w[free]))
         if free_mass <= 0:
@@ -197,7 +204,8 @@ def compute_class_weights(strategy, counts, image_pixels=None, max_weight=None, 
     """Class weights scaled so `sum_c p_c w_c = 1`, optionally capped (see module doc).
 
     Args:
-        strategy: a name in `STRATEGIES`, or K explicit weights (relative: scaled too).
+        strategy: a name in `STRATEGIES`, or K explicit weights (relative: all scaled by
+            one factor, absent classes included; see module doc).
         counts: a `ClassCounter`, or K pixel counts.
         image_pixels: per-class totals of pixels of images holding the class (only for
             `median_frequency` with plain counts; taken from a `ClassCounter`).

@@ -167,6 +167,38 @@ def test_explicit_weights_are_scaled_relative_weights():
     np.testing.assert_allclose(w, [60 / 118, 59 * 60 / 118])
 
 
+def test_explicit_weights_of_an_absent_class_are_scaled_by_the_same_factor():
+    # Issue 9 worked example: [1, 10, 5] on counts [900, 100, 0], p = [0.9, 0.1, 0].
+    # sum p w = 0.9 * 1 + 0.1 * 10 = 1.9, so every weight is divided by 1.9:
+    # [1/1.9, 10/1.9, 5/1.9] = [0.5263, 5.2632, 2.6316]. The absent class keeps its ratio
+    # to the others (5 : 1 to class 0), it is not left at its raw 5 (ratio 9.5 : 1).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w = compute_class_weights([1, 10, 5], np.array([900, 100, 0]), class_names=["bg", "road", "car"])
+    np.testing.assert_allclose(w, [1 / 1.9, 10 / 1.9, 5 / 1.9])
+    assert w[2] / w[0] == pytest.approx(5.0) and w[1] / w[0] == pytest.approx(10.0)
+    assert 0.9 * w[0] + 0.1 * w[1] == pytest.approx(1.0)
+    assert any("'car' has no pixels" in str(c.message) and "2.63158" in str(c.message) for c in caught)
+
+
+def test_explicit_weights_of_an_absent_class_with_a_cap():
+    # Same example, cap 3. Scaled [0.526, 5.263, 2.632]: 5.263 > 3, so class 1 is set to 3
+    # (mass 0.1 * 3 = 0.3); the uncapped classes 0 and 2 share the factor s with
+    # 0.9 * 1 * s = 1 - 0.3 => s = 0.7 / 0.9 = 0.7778: [0.7778, 3, 5 * 0.7778 = 3.889];
+    # 3.889 > 3, so class 2 is capped too (p = 0: nothing else moves) => [0.7778, 3, 3].
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = compute_class_weights([1, 10, 5], np.array([900, 100, 0]), max_weight=3.0)
+    np.testing.assert_allclose(w, [0.7 / 0.9, 3.0, 3.0])
+    # A cap the absent class stays under: it keeps the uncapped classes' factor.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = compute_class_weights([1, 10, 2], np.array([900, 100, 0]), max_weight=3.0)
+    np.testing.assert_allclose(w, [0.7 / 0.9, 3.0, 2 * 0.7 / 0.9])
+    stats = class_stats_dict(ClassCounter(3).update(np.array([0] * 9 + [1])), ["a", "b", "c"], [1, 10, 5])
+    np.testing.assert_allclose(stats["class_weights"], [1 / 1.9, 10 / 1.9, 5 / 1.9])
+
+
 def test_stats_dict_shape_and_json():
     counter = counter_of(masks(seed=9), 4)
     names = ["bg", "road", "car", "sign"]
