@@ -351,6 +351,23 @@ def _build_dataclass(cls, raw: Any, path: str):
     return cls(**kwargs)
 
 
+_EXPONENT_FORM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_number(value: Any) -> Optional[float]:
+    """A config number as float, or None when `value` is not one.
+
+    The one rule for every section: ints and floats (not booleans), and strings in exponent
+    form such as `1e-5` or `1E3`, which PyYAML (YAML 1.1) reads as strings because they lack a
+    dot. Other strings, quoted numbers included, are not numbers.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and _EXPONENT_FORM.fullmatch(value.strip()):
+        return float(value)
+    return None
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -414,13 +431,9 @@ def _coerce(value: Any, tp, path: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 1e-3 as a string
-            except ValueError:
-                pass
+        number = parse_number(value)
+        if number is not None:
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -186,3 +188,33 @@ def test_set_list_errors(item, message):
     raw = {"loss": {"terms": ["cross_entropy"]}, "train": {"epochs": 3}}
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         apply_override(raw, item)
+
+
+def test_exponent_numbers_read_the_same_in_every_section(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-5 and 1e1 as strings; every section takes them as the numbers they are.
+    assert yaml.safe_load("a: 1e-5")["a"] == "1e-5"
+    path = write(tmp_path, """
+data: {root: ., classes: [background, road]}
+loss:
+  terms: [{name: cross_entropy, weight: 2e0}, {name: jaccard, smooth: 1e-5}]
+  class_weights: balanced
+  max_weight: 1e1
+train: {learning_rate: 3E-4}
+predict: {threshold: 5e-1, decision: threshold}
+""")
+    config = load_config(path)
+    assert config.loss["max_weight"] == 10.0 and config.loss["terms"][0]["weight"] == 2.0
+    assert config.loss["terms"][1]["smooth"] == 1e-5
+    assert config.train.learning_rate == 3e-4 and config.predict.threshold == 0.5
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train: {learning_rate: 'fast'}", "train.learning_rate"),
+    ("train: {learning_rate: '0.1'}", "train.learning_rate"),  # a quoted number is a string in every section
+    ("loss: {terms: [{name: dice, weight: '1'}]}", "loss.terms[0].weight"),
+    ("loss: {max_weight: 1e}", "loss.max_weight"),
+])
+def test_strings_that_are_not_numbers_are_refused_in_every_section(tmp_path, text, key):
+    path = write(tmp_path, "data: {root: ., classes: [background, road]}\n" + text + "\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: expected"):
+        load_config(path)

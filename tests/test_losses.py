@@ -229,9 +229,10 @@ def test_ignore_false_negatives_frees_misses_but_not_false_positives(make, chann
         miss[..., 0] = 8.0
         claim[..., 1] = 8.0  # confidently class 1
     assert value(loss, np.array([[[1]]]), miss) == pytest.approx(0.0, abs=1e-6)  # missed 1: free
-    # One pixel: CE-like terms cost ~8, overlap terms ~0.5 (smooth 1 over one pixel).
-    assert value(loss, np.array([[[0]]]), claim) > 0.3  # false positive of class 1: costs
-    assert value(make([]), np.array([[[1]]]), miss) > 0.3  # without the option the miss costs
+    # One pixel: CE-like terms cost ~8, overlap terms on the foreground 1 - 1 / (1 + beta) with smooth 1
+    # (Jaccard 0.5, Tversky with beta 0.3: 0.23).
+    assert value(loss, np.array([[[0]]]), claim) > 0.2  # false positive of class 1: costs
+    assert value(make([]), np.array([[[1]]]), miss) > 0.2  # without the option the miss costs
 
 
 # --- focal -----------------------------------------------------------------------------
@@ -274,16 +275,21 @@ WORKED_X = logit([0.8, 0.4]).reshape(1, 1, 2, 1)
 @pytest.mark.parametrize(
     "loss, expected",
     [
-        # Jaccard: fg 0.8/1.4 = 0.571429, bg 0.6/1.2 = 0.5 => 1 - 0.535714 = 0.464286.
-        (JaccardLoss(smooth=0.0), 1 - (0.8 / 1.4 + 0.5) / 2),
+        # Jaccard with the background: fg 0.8/1.4 = 0.571429, bg 0.6/1.2 = 0.5 => 1 - 0.535714 = 0.464286.
+        (JaccardLoss(smooth=0.0, include_background=True), 1 - (0.8 / 1.4 + 0.5) / 2),
         # smooth 1: fg 1.8/2.4 = 0.75, bg 1.6/2.2 = 0.727273 => 1 - 0.738636 = 0.261364.
-        (JaccardLoss(), 1 - (1.8 / 2.4 + 1.6 / 2.2) / 2),
-        # foreground only: 1 - 0.571429 = 0.428571.
+        (JaccardLoss(include_background=True), 1 - (1.8 / 2.4 + 1.6 / 2.2) / 2),
+        # foreground only (the default): 1 - 0.571429 = 0.428571.
+        (JaccardLoss(smooth=0.0), 1 - 0.8 / 1.4),
         (JaccardLoss(smooth=0.0, include_background=False), 1 - 0.8 / 1.4),
-        # weights [1, 3]: (1 * 0.5 + 3 * 0.428571) / 4 = 0.446429.
-        (JaccardLoss(smooth=0.0, class_weights=[1, 3]), (0.5 + 3 * (1 - 0.8 / 1.4)) / 4),
-        # Dice: fg 1.6/(1.6+0.4+0.2) = 0.727273, bg 1.2/(1.2+0.2+0.4) = 0.666667.
-        (DiceLoss(smooth=0.0), 1 - (1.6 / 2.2 + 1.2 / 1.8) / 2),
+        # default smooth 1, foreground only: 1 - 1.8/2.4 = 0.25.
+        (JaccardLoss(), 1 - 1.8 / 2.4),
+        # weights [1, 3] with the background: (1 * 0.5 + 3 * 0.428571) / 4 = 0.446429.
+        (JaccardLoss(smooth=0.0, class_weights=[1, 3], include_background=True), (0.5 + 3 * (1 - 0.8 / 1.4)) / 4),
+        # Dice with the background: fg 1.6/(1.6+0.4+0.2) = 0.727273, bg 1.2/(1.2+0.2+0.4) = 0.666667.
+        (DiceLoss(smooth=0.0, include_background=True), 1 - (1.6 / 2.2 + 1.2 / 1.8) / 2),
+        # Dice, foreground only (the default): 1 - 0.727273 = 0.272727.
+        (DiceLoss(smooth=0.0), 1 - 1.6 / 2.2),
         # Tversky alpha (FP) = 0.7, beta (FN) = 0.3, fg only: 0.8 / (0.8 + 0.28 + 0.06) = 0.701754.
         (TverskyLoss(alpha=0.7, beta=0.3, smooth=0.0, include_background=False), 1 - 0.8 / 1.14),
         # Focal Tversky gamma 2 on the above: 0.298246^2 = 0.088951.
@@ -302,6 +308,32 @@ def test_tversky_alpha_weighs_false_positives():
     assert value(loss, y_fp, x_fp) > value(loss, y_fn, x_fn)
     swapped = TverskyLoss(alpha=0.1, beta=0.9, smooth=0.0, include_background=False)
     assert value(swapped, y_fp, x_fp) < value(swapped, y_fn, x_fn)
+
+
+def test_binary_tversky_default_keeps_the_asymmetry_alpha_and_beta_set():
+    """4x4 patch, 8 foreground pixels: 4 false positives only vs 4 false negatives only, alpha 0.9, beta 0.1.
+
+    Foreground only (the default): FP-only TI = 8 / (8 + 0.9 * 4) = 0.689655 -> loss 0.310345;
+    FN-only TI = 4 / (4 + 0.1 * 4) = 0.909091 -> loss 0.090909. Averaging in the background would make both
+    0.1799 (the background's FN is the foreground's FP), cancelling the asymmetry.
+    """
+    y = np.zeros((1, 4, 4), np.int32)
+    y[0, :2] = 1  # 8 foreground pixels
+    p_fp = y[..., None].astype(np.float64)
+    p_fp[0, 2, :, 0] = 1.0  # + 4 false positives
+    p_fn = y[..., None].astype(np.float64)
+    p_fn[0, 1, :, 0] = 0.0  # 4 of the 8 missed
+    for make in (lambda **kw: TverskyLoss(alpha=0.9, beta=0.1, smooth=0.0, from_logits=False, **kw),
+                 lambda **kw: TverskyLoss(alpha=0.9, beta=0.1, smooth=0.0, from_logits=False, class_weights=[1, 1], **kw)):
+        fp_only, fn_only = value(make(), y, p_fp.astype(np.float32)), value(make(), y, p_fn.astype(np.float32))
+        np.testing.assert_allclose([fp_only, fn_only], [1 - 8 / 11.6, 1 - 4 / 4.4], rtol=1e-5)
+        assert fp_only > fn_only
+        both = make(include_background=True)
+        assert value(both, y, p_fp.astype(np.float32)) == pytest.approx(value(both, y, p_fn.astype(np.float32)), rel=1e-5)
+    # the same rule for several classes: class 0 is the background and is left out by default
+    y3, x3 = random_case(3, seed=45, ignore_fraction=0.0)
+    fg = value(TverskyLoss(alpha=0.9, beta=0.1, class_weights=[0, 1, 1], include_background=True), y3, x3)
+    assert value(TverskyLoss(alpha=0.9, beta=0.1), y3, x3) == pytest.approx(fg, rel=1e-6)
 
 
 @pytest.mark.parametrize("alpha, beta", [(0.7, 0.3), (0.2, 0.8), (0.5, 0.5)])
@@ -323,7 +355,10 @@ def test_dice_matches_keras_dice_per_class():
     p = softmax(x).astype(np.float32)
     t = np.eye(k, dtype=np.float32)[y]
     ref = np.mean([float(keras.losses.Dice()(t[..., c], p[..., c])) for c in range(k)])
-    np.testing.assert_allclose(value(DiceLoss(smooth=0.0), y, x), ref, rtol=1e-5)
+    np.testing.assert_allclose(value(DiceLoss(smooth=0.0, include_background=True), y, x), ref, rtol=1e-5)
+    # the default scores the foreground classes 1 .. k-1 only
+    ref_fg = np.mean([float(keras.losses.Dice()(t[..., c], p[..., c])) for c in range(1, k)])
+    np.testing.assert_allclose(value(DiceLoss(smooth=0.0), y, x), ref_fg, rtol=1e-5)
 
 
 def test_jaccard_matches_numpy_iou_formula():
@@ -334,8 +369,9 @@ def test_jaccard_matches_numpy_iou_formula():
     t = np.eye(k)[np.where(y < 0, 0, y)] * valid
     p = p * valid
     tp, fp, fn = (t * p).sum((0, 1, 2)), ((1 - t) * p * valid).sum((0, 1, 2)), (t * (1 - p)).sum((0, 1, 2))
-    ref = np.mean(1 - (tp + 1) / (tp + fp + fn + 1))
-    np.testing.assert_allclose(value(JaccardLoss(), y, x), ref, rtol=1e-5)
+    ref = 1 - (tp + 1) / (tp + fp + fn + 1)
+    np.testing.assert_allclose(value(JaccardLoss(include_background=True), y, x), ref.mean(), rtol=1e-5)
+    np.testing.assert_allclose(value(JaccardLoss(), y, x), ref[1:].mean(), rtol=1e-5)
 
 
 def test_dice_and_jaccard_are_tversky_special_cases():
@@ -357,13 +393,15 @@ def test_absent_class_is_left_out_of_the_average():
     for c in (0, 1):
         tp = p[y[0, 0] == c, c].sum()
         per_class.append(1 - (tp + 1) / (p[:, c].sum() + (y == c).sum() - tp + 1))
-    got = value(JaccardLoss(), y, x)
+    got = value(JaccardLoss(include_background=True), y, x)
     np.testing.assert_allclose(got, np.mean(per_class), rtol=1e-4)  # mean over 2 classes
     assert abs(got - np.sum(per_class) / 3) > 0.05  # not over 3 with a ~0 term for class 2
     # Predicting class 2 somewhere makes it present: its false positives now count.
     x2 = x.copy()
     x2[0, 0, 0, 2] = 5.0
-    assert value(JaccardLoss(), y, x2) > got
+    assert value(JaccardLoss(include_background=True), y, x2) > got
+    # Foreground only (the default): class 1 alone, not averaged with an absent class 2.
+    np.testing.assert_allclose(value(JaccardLoss(), y, x), per_class[1], rtol=1e-4)
 
 
 def test_per_image_is_the_mean_of_single_image_losses():

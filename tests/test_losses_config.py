@@ -59,7 +59,7 @@ def test_full_section_is_normalised_with_defaults_and_lists():
     assert tversky == {
         "name": "tversky", "weight": 0.5, "use_class_weights": True, "ignore_false_negatives": [],
         "alpha": 0.7, "beta": 0.3, "gamma": 1.0, "smooth": 1.0, "per_image": False,
-        "include_background": True,
+        "include_background": False,
     }
     assert cfg["class_weights"] == [1.0, 1.0, 3.0]
     assert cfg["max_weight"] == 20.0 and cfg["ignore_false_negatives"] == ["car"]

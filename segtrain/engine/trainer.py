@@ -5,10 +5,13 @@ so segtrain runs its own step: forward pass, loss in float32, loss scaling under
 mixed_float16, gradient clipping by the norm of the *global* gradient, optimizer
 update; a validation step that accumulates one confusion matrix over the whole split.
 
-Distribution convention (Keras's): a Keras loss with the default
-`sum_over_batch_size` reduction already divides by the number of replicas when it is
-called inside a tf.distribute replica, so summing the replicas' losses (and their
-gradients, which the optimizer all-reduces) gives the mean over the global batch.
+Distribution convention (Keras's): inside a tf.distribute replica a loss returns that
+replica's *share* of the global-batch loss, so summing the replicas' losses (and their
+gradients, which the optimizer all-reduces) gives the loss of the global batch. segtrain's
+losses make this exact (`segtrain.losses.classes`): per-pixel terms divide by the valid
+pixels of the global batch and overlap terms (Jaccard, Dice, Tversky) sum their soft counts
+over the replicas before the ratio, so N replicas train exactly as one device on the same
+global batch, up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from segtrain.config import TrainConfig
+from segtrain.losses.functional import replica_sum
 from segtrain.metrics import ConfusionMatrix, labels_from_logits
 
 WARMUP_START = 0.01
@@ -251,11 +255,11 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     def _replica_val_step(self, images, masks):
         logits = self.model(images, training=False)
-        replicas = self.strategy.num_replicas_in_sync
-        # The loss is divided by the number of replicas (see the module docstring): undo it.
-        loss = tf.cast(self.loss_fn(masks, tf.cast(logits, tf.float32)), tf.float64) * replicas
+        # This replica's share of the batch's loss (see the module docstring); the shares sum to it.
+        share = tf.cast(self.loss_fn(masks, tf.cast(logits, tf.float32)), tf.float64)
         count = tf.cast(tf.shape(images)[0], tf.float64)
-        self.val_loss_sum.assign_add(tf.where(count > 0, loss * count, tf.constant(0.0, tf.float64)))
+        batch_images = replica_sum(count)
+        self.val_loss_sum.assign_add(share * batch_images)  # summed over replicas: batch loss x batch images
         self.val_images.assign_add(count)
         self.confusion.update_state(masks, self.labeler(logits))
 

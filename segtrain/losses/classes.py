@@ -1,14 +1,21 @@
 """Keras `Loss` classes: thin wrappers that store settings and call `functional`.
 
-Reduction (Keras's default `sum_over_batch_size`):
+Reduction (Keras's default `sum_over_batch_size`), always over the *global* batch:
 - per-pixel losses (`CrossEntropy`, `CostSensitiveCrossEntropy`, `FocalLoss`) give
-  `sum over valid pixels of loss / number of valid pixels` (0 when no pixel is valid): the
-  per-pixel values carry a Keras mask of the valid pixels, so `reduction="sum"` sums valid
-  pixels and `reduction=None` returns the (B, H, W) map with zeros at ignored pixels;
-- overlap losses return one value per image (B,) and the default reduction averages them
-  (the pooled value is repeated B times, so the mean is that value).
-`sample_weight` follows Keras: it must broadcast to those shapes, e.g. (B, H, W) or
-(B, 1, 1) for per-pixel losses, (B,) for overlap losses.
+  `sum over valid pixels of loss / number of valid pixels` (0 when no pixel is valid);
+- overlap losses give the pooled ratio of the batch's soft counts, or with `per_image`
+  the mean of the images' losses.
+Inside a tf.distribute step each replica returns its *share* of that global value (Keras's
+convention: the shares sum to it, and so do their gradients): the valid-pixel count,
+the image count and the pooled overlap counts are summed over the replicas first, so
+two replicas give exactly what one device gives for the same global batch, however the
+ignored pixels fall. Outside a distributed step the share is the whole value.
+
+`reduction="sum"` and `reduction=None` follow Keras on the per-pixel map (the values carry
+a Keras mask of the valid pixels; None returns (B, H, W) with zeros at ignored pixels) or
+on the per-image values (B,). `sample_weight` follows Keras: it broadcasts to those shapes,
+e.g. (B, H, W) or (B, 1, 1) for per-pixel losses, (B,) for overlap losses, and the default
+reduction still divides by the number of valid pixels (or images), not by the weights.
 """
 
 import keras
@@ -70,6 +77,30 @@ class SegmentationLoss(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), **self._common(), **self._settings()}
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if self.reduction != "sum_over_batch_size":
+            return super().__call__(y_true, y_pred, sample_weight)
+        with tf.name_scope(self.name):
+            y_pred = tf.cast(tf.convert_to_tensor(y_pred), tf.float32)
+            return self.replica_share(y_true, y_pred, _broadcast_weight(sample_weight))
+
+    def replica_share(self, y_true, y_pred, sample_weight):
+        """This replica's share of the global-batch loss (see the module docstring)."""
+        raise NotImplementedError
+
+
+def _broadcast_weight(sample_weight):
+    return None if sample_weight is None else tf.cast(tf.convert_to_tensor(sample_weight), tf.float32)
+
+
+def _weighted(values, sample_weight):
+    """values * sample_weight, the weight given trailing axes of size 1 to match the values' rank."""
+    if sample_weight is None:
+        return values
+    while sample_weight.shape.rank < values.shape.rank:
+        sample_weight = sample_weight[..., None]
+    return values * sample_weight
+
 
 class PixelLoss(SegmentationLoss):
     """A loss defined per pixel: `call` returns (B, H, W), masked to the valid pixels."""
@@ -82,6 +113,13 @@ class PixelLoss(SegmentationLoss):
         _, valid = F.valid_labels(y_true, y_pred, self.ignore_index)
         _set_mask(losses, valid)
         return losses
+
+    def replica_share(self, y_true, y_pred, sample_weight):
+        """sum of this replica's valid pixel losses / valid pixels of the global batch."""
+        losses = _weighted(self.pixel_losses(y_true, y_pred), sample_weight)
+        _, valid = F.valid_labels(y_true, y_pred, self.ignore_index)
+        count = F.replica_sum(tf.reduce_sum(tf.cast(valid, tf.float32)))
+        return tf.math.divide_no_nan(tf.reduce_sum(losses), tf.stop_gradient(count))
 
 
 @keras.saving.register_keras_serializable(package="segtrain")
@@ -196,7 +234,7 @@ class TverskyLoss(SegmentationLoss):
         gamma=1.0,
         smooth=1.0,
         per_image=False,
-        include_background=True,
+        include_background=False,
         name="tversky",
         **kwargs,
     ):
@@ -224,9 +262,19 @@ class TverskyLoss(SegmentationLoss):
             self.class_weights, self.per_image, self.include_background,
             self.ignore_false_negatives, self.from_logits, self.ignore_index,
         )
-        if not self.per_image:  # one value per image so Keras's reduction sees a batch
+        if not self.per_image:  # one value per image (the pooled one) so a reduction sees a batch
             loss = tf.fill(tf.shape(y_pred)[:1], loss)
         return loss
+
+    def replica_share(self, y_true, y_pred, sample_weight):
+        """sum of this replica's (weighted) per-image values / images of the global batch.
+
+        Pooled, every image carries the global-batch value (its counts are summed over the
+        replicas), so the shares add up to it.
+        """
+        losses = _weighted(self.call(y_true, y_pred), sample_weight)
+        images = F.replica_sum(tf.cast(tf.shape(y_pred)[0], tf.float32))
+        return tf.math.divide_no_nan(tf.reduce_sum(losses), images)
 
 
 @keras.saving.register_keras_serializable(package="segtrain")

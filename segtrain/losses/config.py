@@ -23,11 +23,12 @@ import math
 import numpy as np
 
 from segtrain.class_weights import STRATEGIES
+from segtrain.config import parse_number
 from segtrain.errors import ConfigError
 
 SECTION_KEYS = ("terms", "class_weights", "max_weight", "ignore_false_negatives")
 _COMMON = {"weight": 1.0, "use_class_weights": True, "ignore_false_negatives": []}
-_OVERLAP = {"smooth": 1.0, "per_image": False, "include_background": True}
+_OVERLAP = {"smooth": 1.0, "per_image": False, "include_background": False}
 TERM_DEFAULTS = {
     "cross_entropy": {"label_smoothing": 0.0},
     "cost_sensitive": {"cost_matrix": None, "fp_cost": None, "fn_cost": None},
@@ -59,13 +60,11 @@ def _suggest(word, choices):
     return "valid: " + ", ".join(choices)
 
 
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _number(value, path, minimum=0.0, strict=False, below=None):
-    if not _is_number(value):
+    number = parse_number(value)
+    if number is None or not math.isfinite(number):
         raise ConfigError(f"{path}: expected a number, got {value!r}.")
+    value = number
     if value < minimum or (strict and value == minimum):
         bound = f"> {minimum}" if strict else f">= {minimum}"
         raise ConfigError(f"{path}: must be {bound}, got {value!r}.")

@@ -15,6 +15,10 @@ Conventions shared by every function here:
 Per-pixel losses (`cross_entropy`, `cost_sensitive_cross_entropy`, `focal`) return
 (B, H, W) with zeros at invalid pixels; overlap losses (`tversky`, `dice`, `jaccard`)
 return (B,) per-image losses, or a scalar when pooled over the batch.
+
+Under tf.distribute (inside `strategy.run`), pooled overlap counts are summed over the
+replicas (`replica_sum`) before the ratio is taken, so every replica computes the loss of
+the *global* batch, exactly as one device would.
 """
 
 import numpy as np
@@ -100,6 +104,18 @@ def log_probabilities(y_pred, from_logits=True):
     log_p = shifted - log_total
     log_1mp = tf.math.log(tf.maximum(others, _TINY)) - log_total
     return log_p, log_1mp
+
+
+def replica_sum(x):
+    """`x` (a tensor or nested structure) summed over the replicas of a tf.distribute step.
+
+    Outside `strategy.run`, or with one replica, `x` itself. Differentiable: the gradient
+    of an all-reduce sum is the all-reduce sum of the incoming gradients.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
 
 
 def _pixel_weights(labels, valid, k, class_weights, ignore_false_negatives):
@@ -231,10 +247,12 @@ def overlap_counts(
     """Soft true positives, false positives and false negatives per class.
 
     Returns:
-        tp, fp, fn, present: each (B, K) when `per_image`, else (K,). `present` is 1 for a
-        class that has a true pixel or is the arg-max prediction of some pixel (the
-        metrics' rule). Pixels whose true class is in ignore_false_negatives add to that
-        class's TP (hits are still rewarded) but to no FN and no FP: missing them is free.
+        tp, fp, fn, present: each (B, K) when `per_image`, else (K,) summed over the whole
+        batch, and over all replicas inside a distributed step (the global batch).
+        `present` is 1 for a class that has a true pixel or is the arg-max prediction of
+        some pixel (the metrics' rule). Pixels whose true class is in
+        ignore_false_negatives add to that class's TP (hits are still rewarded) but to no
+        FN and no FP: missing them is free.
     """
     labels, valid, log_p, log_1mp = prepare(y_true, y_pred, from_logits, ignore_index)
     k = log_p.shape[-1]
@@ -251,8 +269,10 @@ def overlap_counts(
     tp = tf.reduce_sum(t * p, axis=axes)
     fp = tf.reduce_sum((counted - t * counted) * p, axis=axes)
     fn = tf.reduce_sum(t * counted * q, axis=axes)
-    present = tf.cast(tf.reduce_sum(t + hard, axis=axes) > 0, tf.float32)
-    return tp, fp, fn, present
+    support = tf.reduce_sum(t + hard, axis=axes)
+    if not per_image:
+        tp, fp, fn, support = replica_sum((tp, fp, fn, support))
+    return tp, fp, fn, tf.cast(support > 0, tf.float32)
 
 
 def tversky(
@@ -264,7 +284,7 @@ def tversky(
     smooth=1.0,
     class_weights=None,
     per_image=False,
-    include_background=True,
+    include_background=False,
     ignore_false_negatives=None,
     from_logits=True,
     ignore_index=IGNORE_INDEX,
@@ -301,8 +321,12 @@ def tversky(
         class_weights: None or K weights for the average over classes.
         per_image: score each image, then average over classes per image (B,);
             otherwise pool the counts over the batch (scalar). Defaults to False.
-        include_background: average over all K classes (for one channel: [bg, fg]);
-            False drops class 0 (for one channel: foreground only). Defaults to True.
+        include_background: average over all K classes (for one channel: [bg, fg]).
+            Defaults to False: class 0 (the background) is left out and the foreground
+            classes are scored, as Keras's Dice/Tversky on one channel, SMP's binary mode
+            and nnU-Net do; averaging in the background's score would cancel the
+            asymmetry alpha and beta set (a false positive of the foreground is a false
+            negative of the background).
 
     Returns:
         (B,) float32 when `per_image`, else a float32 scalar.
