@@ -255,7 +255,7 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
                         out_dir: Optional[Path], decision: Optional[str], threshold: Optional[float],
                         relaxed_rho: Optional[float] = None, log=click.echo) -> dict:
     """`segtrain eval`: metrics of a run's model on a labelled split (default: the run's data.val_split)."""
-    from segtrain.reports import write_metrics_json
+    from segtrain.atomic import write_json
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
     config = run_config(run_dir)
@@ -269,6 +269,6 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
     metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, decision, threshold, relaxed_rho, log=log)
     metrics["split"] = split
     metrics["data_root"] = str(config.data.root)
-    write_metrics_json(metrics, out_dir / "metrics.json")
+    write_json(metrics, out_dir / "metrics.json")
     log(f"Wrote {out_dir / 'metrics.json'}, per_class.csv and plots.")
     return metrics

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from segtrain.atomic import write_text_atomic
+from segtrain.atomic import write_csv
 
 
 def read_history(path: Path, upto_epoch: int) -> list[dict]:
@@ -19,22 +19,12 @@ def read_history(path: Path, upto_epoch: int) -> list[dict]:
 
 
 def write_history(rows: list[dict], path: Path) -> None:
-    """history.csv from all rows, atomically; columns in order of first appearance."""
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    lines = [",".join(keys)]
-    for row in rows:
-        lines.append(",".join(_csv_value(row.get(k)) for k in keys))
-    write_text_atomic("\n".join(lines) + "\n", path)
+    """history.csv from all rows, atomically; columns in order of first appearance, floats to 6 significant digits."""
+    write_csv([{key: _rounded(value) for key, value in row.items()} for row in rows], path)
 
 
-def _csv_value(value) -> str:
-    if value is None or value == "":
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+def _rounded(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 # The direction of each history column (train.py writes them; config.monitor_columns lists them), decided
@@ -78,8 +68,7 @@ def write_scalars(writer, row: dict, epoch: int) -> None:
 
 
 def plot_history_png(rows: list[dict], path: Path) -> None:
-    try:
-        from segtrain.reports import plot_history
-    except ImportError:
-        return
+    """history.png (see `segtrain.reports.plot_history`); reports, and with it matplotlib, load on first use."""
+    from segtrain.reports import plot_history
+
     plot_history(rows, path)

@@ -1,7 +1,7 @@
-"""Report writers: the metrics table, JSON/CSV files and PNG plots of a run.
+"""Reports of a run: the metrics table, the per-class CSV and PNG plots.
 
-Every file is written atomically (a temporary file in the same folder, then
-`os.replace`), so a killed run never leaves a half-written report. Matplotlib is
+Every file is written atomically (through `segtrain.atomic`: a temporary file in the same
+folder, then `os.replace`), so a killed run never leaves a half-written report. Matplotlib is
 imported lazily inside the plot functions (importing segtrain stays fast) and used
 through its object-oriented `Figure` API with the Agg canvas: no display needed, no
 global pyplot state, and no backend switch for a user who has pyplot open.
@@ -9,33 +9,22 @@ global pyplot state, and no backend switch for a user who has pyplot open.
 
 import csv
 import io
-import json
 import math
 import os
 
 import numpy as np
 
-from segtrain.atomic import atomic_path
+from segtrain.atomic import atomic_path, write_csv
+from segtrain.history import lower_is_better
 
 CSV_COLUMNS = ("class", "iou", "dice", "precision", "recall", "support")
-
-
-# --------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------
-
-
-def _atomic_write(path, write, mode="w"):
-    """Calls `write(file)` on a temporary file next to `path`, then renames it onto `path`."""
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, **({"newline": "", "encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
 
 
 def _save_figure(fig, path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def _new_figure(figsize):
@@ -48,7 +37,7 @@ def _new_figure(figsize):
 
 
 # --------------------------------------------------------------------------------------
-# Text, JSON, CSV
+# Text and CSV
 # --------------------------------------------------------------------------------------
 
 
@@ -95,49 +84,14 @@ def format_metrics_table(metrics):
     return "\n".join(lines)
 
 
-def _json_default(obj):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return [_json_default(x) if isinstance(x, np.generic) else x for x in obj.tolist()]
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
-def _nan_to_none(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def write_metrics_json(metrics, path):
-    """Writes `metrics` as indented JSON, atomically. None, NaN and Inf become null."""
-    text = json.dumps(_nan_to_none(json.loads(json.dumps(metrics, default=_json_default))),
-                      indent=2, allow_nan=False)
-    _atomic_write(path, lambda f: f.write(text + "\n"))
-
-
 def write_per_class_csv(metrics, path):
     """Writes `class,iou,dice,precision,recall,support`, one row per class, atomically.
 
     Undefined values (None) are empty cells; floats are written with full precision.
     """
-
-    def write(f):
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(CSV_COLUMNS)
-        for name, m in metrics["per_class"].items():
-            w.writerow([name] + ["" if m[k] is None else repr(float(m[k])) for k in CSV_COLUMNS[1:5]]
-                       + [int(m["support"])])
-
-    _atomic_write(path, write)
+    rows = [{"class": name, **{k: None if m[k] is None else float(m[k]) for k in CSV_COLUMNS[1:5]},
+             "support": int(m["support"])} for name, m in metrics["per_class"].items()]
+    write_csv(rows, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -218,18 +172,15 @@ def _read_history(history):
     if isinstance(history, (str, os.PathLike)):
         with open(history, newline="", encoding="utf-8") as f:
             history = list(csv.DictReader(f))
-    columns = {}
-    for row in history:
-        for key, value in row.items():
-            columns.setdefault(key, [])
-    for row in history:
-        for key in columns:
-            value = row.get(key)
-            try:
-                columns[key].append(float(value) if value not in (None, "") else math.nan)
-            except (TypeError, ValueError):
-                columns[key].append(math.nan)
-    return len(history), {k: np.asarray(v) for k, v in columns.items()}
+    keys = dict.fromkeys(key for row in history for key in row)
+    return len(history), {key: np.asarray([_number(row.get(key)) for row in history]) for key in keys}
+
+
+def _number(value):
+    try:
+        return float(value) if value not in (None, "") else math.nan
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def plot_history(history, path):
@@ -237,9 +188,11 @@ def plot_history(history, path):
 
     Args:
         history: list of per-epoch dicts, or the path of a `history.csv` with a header.
-            Columns whose name contains "loss" go to the loss panel; every other numeric
-            column (val_mean_iou, val_iou_<class>, ...) to the metrics panel, except
-            epoch/step/lr/time bookkeeping. The x axis is the "epoch" column if present.
+            The losses (`loss`, `val_loss`: the lower-is-better columns of
+            `segtrain.history`) go to the loss panel; every other numeric column
+            (val_mean_iou, val_iou_<class>, ... whatever the class is named) to the metrics
+            panel, except epoch/step/lr/time bookkeeping. The x axis is the "epoch" column
+            if present.
         path: output PNG.
     """
     n, columns = _read_history(history)
@@ -247,9 +200,7 @@ def plot_history(history, path):
         raise ValueError("history is empty: nothing to plot")
     x = columns["epoch"] if "epoch" in columns and not np.all(np.isnan(columns["epoch"])) else np.arange(1, n + 1)
     plotted = {k: v for k, v in columns.items() if k not in _NOT_PLOTTED and not np.all(np.isnan(v))}
-    losses = {k: v for k, v in plotted.items() if "loss" in k}
-    others = {k: v for k, v in plotted.items() if "loss" not in k}
-    panels = [(title, group) for title, group in (("loss", losses), ("metrics", others)) if group]
+    panels = [(title, group) for title, group in _history_panels(plotted).items() if group]
     if not panels:
         raise ValueError("history has no numeric columns to plot")
     from matplotlib.ticker import MaxNLocator
@@ -265,3 +216,18 @@ def plot_history(history, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     _save_figure(fig, path)
+
+
+def _history_panels(columns):
+    """{"loss": {...}, "metrics": {...}}: columns split by their kind, never by a substring of their name."""
+    panels = {"loss": {}, "metrics": {}}
+    for key, values in columns.items():
+        panels["loss" if _is_loss(key) else "metrics"][key] = values
+    return panels
+
+
+def _is_loss(column):
+    try:
+        return lower_is_better(column)
+    except ValueError:  # not a column segtrain writes: plotted with the metrics
+        return False

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import keras
 
-from segtrain.atomic import atomic_path, write_text_atomic  # noqa: F401 (re-exported)
-
+from segtrain.atomic import atomic_path
 from segtrain.errors import CheckpointError
 
 RUNS_DIR = Path("runs")
@@ -86,11 +83,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if overwrite and run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def write_json_atomic(data: Any, path: Path) -> None:
-    """Write JSON atomically (see segtrain.atomic)."""
-    write_text_atomic(json.dumps(data, indent=2), path)
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:

@@ -34,8 +34,8 @@ from segtrain.runs import (
     check_run_dir,
     prepare_run_dir,
     save_model_atomic,
-    write_json_atomic,
 )
+from segtrain.atomic import write_json
 
 
 class Interrupted(click.ClickException):
@@ -214,8 +214,8 @@ def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, ov
         created_run_dir = overwrite or not run_dir.exists()
         prepare_run_dir(run_dir, resume, overwrite)
         save_config(config, run_dir / "config.yaml")
-        write_json_atomic(prepared.class_stats, run_dir / "class_stats.json")
-        write_json_atomic({"in_channels": prepared.channels, "num_classes": num_classes,
+        write_json(prepared.class_stats, run_dir / "class_stats.json")
+        write_json({"in_channels": prepared.channels, "num_classes": num_classes,
                            "precision": policy, "replicas": replicas,
                            "config_file": str(config_path) if config_path else None}, run_dir / RUN_INFO)
 
@@ -377,9 +377,9 @@ def _fit(config: Config, prepared: PreparedData, run_dir: Path, resume: bool, ov
         final_metrics = evaluate_run(run_dir / "best.keras", config, prepared.val_pairs, prepared.mapping,
                                      run_dir, log=log)
         final_metrics["best_epoch"] = best_epoch
-        from segtrain.reports import write_metrics_json
+        from segtrain.atomic import write_json
 
-        write_metrics_json(final_metrics, run_dir / "metrics.json")
+        write_json(final_metrics, run_dir / "metrics.json")
     return final_metrics
 
 

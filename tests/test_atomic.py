@@ -1,6 +1,9 @@
+import json
+
+import numpy as np
 import pytest
 
-from segtrain.atomic import atomic_path, write_text_atomic
+from segtrain.atomic import atomic_path, json_text, write_csv, write_json, write_text_atomic
 
 
 def test_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -32,3 +35,29 @@ def test_written_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_json_handles_numpy_values_and_nan(tmp_path):
+    path = tmp_path / "sub" / "m.json"  # parent created
+    write_json({"a": np.float32(0.5), "b": np.int64(3), "c": float("nan"), "d": np.array([1.0, np.nan]),
+                "e": np.bool_(True), "f": (float("inf"), -float("inf")), "g": np.float64(2.5)}, path)
+    assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": None, "d": [1.0, None], "e": True,
+                                            "f": [None, None], "g": 2.5}
+    assert path.read_text().endswith("}\n")
+    assert json.loads(json_text({"x": [np.nan]})) == {"x": [None]}
+
+
+def test_json_failed_write_keeps_old_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"old": 1}')
+    with pytest.raises(TypeError):
+        write_json({"bad": object()}, path)
+    assert json.loads(path.read_text()) == {"old": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_csv_columns_in_order_of_first_appearance(tmp_path):
+    path = tmp_path / "t.csv"
+    write_csv([{"a": 1, "b": None}, {"b": 0.1, "c": "x,y"}, {"a": 2.0}], path)
+    assert path.read_text().splitlines() == ["a,b,c", "1,,", ',0.1,"x,y"', "2.0,,"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from segtrain import reports
+from segtrain.atomic import write_json
 from segtrain.metrics import ProbabilityHistogram, metrics_from_confusion, pr_curve
 
 NAMES = ["background", "road", "building", "water"]
@@ -59,29 +60,13 @@ def test_table_without_cost_has_no_cost_line():
     assert "cost" not in table.lower()
 
 
-def test_json_round_trip_with_null(metrics, tmp_path):
+def test_metrics_json_round_trip_with_null(metrics, tmp_path):
     path = tmp_path / "metrics.json"
-    reports.write_metrics_json(metrics, path)
+    write_json(metrics, path)
     text = path.read_text()
     assert "NaN" not in text and "null" in text
     assert json.loads(text) == metrics
     assert json.loads(text)["per_class"]["building"]["iou"] is None
-    assert _no_temp_files(tmp_path)
-
-
-def test_json_handles_numpy_values_and_nan(tmp_path):
-    path = tmp_path / "sub" / "m.json"  # parent created
-    reports.write_metrics_json({"a": np.float32(0.5), "b": np.int64(3), "c": float("nan"),
-                                "d": np.array([1.0, np.nan])}, path)
-    assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": None, "d": [1.0, None]}
-
-
-def test_json_failed_write_keeps_old_file(tmp_path):
-    path = tmp_path / "metrics.json"
-    path.write_text('{"old": 1}')
-    with pytest.raises(TypeError):
-        reports.write_metrics_json({"bad": object()}, path)
-    assert json.loads(path.read_text()) == {"old": 1}
     assert _no_temp_files(tmp_path)
 
 
@@ -140,6 +125,16 @@ def test_plot_history_from_rows_and_csv(tmp_path):
         assert a.size == b.size
     with pytest.raises(ValueError):
         reports.plot_history([], tmp_path / "empty.png")
+
+
+def test_history_panels_go_by_column_kind_not_substring():
+    """A class named `gloss` keeps its IoU and Dice curves among the metrics, not the losses."""
+    columns = {name: np.arange(3.0) for name in ("loss", "val_loss", "val_mean_iou", "val_iou_gloss",
+                                                   "val_dice_gloss", "val_iou_loss", "train_loss_extra")}
+    panels = reports._history_panels(columns)
+    assert list(panels["loss"]) == ["loss", "val_loss"]
+    assert list(panels["metrics"]) == ["val_mean_iou", "val_iou_gloss", "val_dice_gloss", "val_iou_loss",
+                                       "train_loss_extra"]
 
 
 def test_importing_reports_does_not_import_matplotlib():
