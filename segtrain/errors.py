@@ -25,3 +25,9 @@ class TrainingDiverged(click.ClickException):
     """The loss became NaN or Inf; the last good checkpoint is kept. Exit code 1: not a usage error."""
 
     exit_code = 1
+
+
+class Interrupted(click.ClickException):
+    """SIGINT/SIGTERM during training: a checkpoint was saved; exit code 130."""
+
+    exit_code = 130

@@ -48,7 +48,7 @@ def float32_policy():
 
 
 def test_cosine_warmup_rises_linearly_then_decays_to_alpha():
-    from segtrain.engine.trainer import make_schedule
+    from segtrain.engine.schedules import make_schedule
 
     train = TrainConfig(learning_rate=0.1, schedule="cosine", warmup_epochs=2)
     schedule = make_schedule(train, total_steps=40, steps_per_epoch=5)  # warm-up: 2 epochs x 5 = 10 steps
@@ -62,7 +62,7 @@ def test_cosine_warmup_rises_linearly_then_decays_to_alpha():
 
 
 def test_constant_and_plateau_schedules_share_the_warmup_and_plateau_follows_its_scale():
-    from segtrain.engine.trainer import make_schedule
+    from segtrain.engine.schedules import make_schedule
 
     scale = tf.Variable(1.0)
     constant = make_schedule(TrainConfig(learning_rate=0.2, schedule="constant", warmup_epochs=1), 100, 4, scale)
@@ -77,7 +77,7 @@ def test_constant_and_plateau_schedules_share_the_warmup_and_plateau_follows_its
 
 
 def test_plateau_state_lowers_after_patience_and_stops_at_the_minimum():
-    from segtrain.engine.trainer import PlateauState
+    from segtrain.engine.schedules import PlateauState
 
     scale, wait = tf.Variable(1.0), tf.Variable(0, dtype=tf.int64)
     train = TrainConfig(learning_rate=0.1, schedule="plateau", plateau_factor=0.5, plateau_patience=2,
@@ -111,7 +111,7 @@ def _one_sgd_step(clip, loss_scale=False):
     images = rng.uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     masks = (rng.uniform(size=(2, 8, 8)) > 0.5).astype("int32")
     before = [w.copy() for w in model.get_weights()]
-    trainer.train_step(iter([(images, masks)]))
+    trainer.train_steps(iter(tf.data.Dataset.from_tensors((images, masks))), 1)
     # SGD with lr 1: the update is exactly minus the (clipped) gradient
     return float(np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(model.get_weights(), before))))
 
@@ -229,7 +229,7 @@ def test_mixed_precision_trains_saves_and_reloads(tmp_path, precision, float32_p
     # under float16: the LossScaleOptimizer's scale is part of it)
     from segtrain.config import TrainConfig as Train
     from segtrain.engine.checkpoints import TrainingState
-    from segtrain.engine.trainer import make_optimizer, make_schedule
+    from segtrain.engine.schedules import make_optimizer, make_schedule
     from segtrain.model import build_unet
 
     keras.mixed_precision.set_global_policy(precision)

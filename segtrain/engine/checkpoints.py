@@ -11,6 +11,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from segtrain.engine.state import LoopState
 from segtrain.errors import CheckpointError
 
 
@@ -77,6 +78,23 @@ class TrainingState:
             return manager.save(checkpoint_number=step)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def save_loop(self, loop: LoopState) -> str:
+        """Write a checkpoint of the model, the optimizer and where the loop is."""
+        self.epoch_loss_sum.assign(loop.loss_sum)
+        self.epoch_loss_steps.assign(loop.loss_steps)
+        self.best.assign(float("nan") if loop.best is None else loop.best)
+        self.best_epoch.assign(loop.best_epoch)
+        return self.save(loop.epoch, loop.global_step)
+
+    def loop_state(self, monitor: str, steps_per_epoch: int, rows: list) -> LoopState:
+        """The LoopState of the restored checkpoint (call after `restore_latest`), with the history `rows`."""
+        loop = LoopState(monitor, steps_per_epoch, epoch=int(self.epoch.numpy()), global_step=int(self.step.numpy()),
+                         best=self.best_value, best_epoch=int(self.best_epoch.numpy()), rows=rows)
+        if loop.step_in_epoch > 0:  # killed mid-epoch: the running loss of the steps already done
+            loop.loss_sum = float(self.epoch_loss_sum.numpy())
+            loop.loss_steps = int(self.epoch_loss_steps.numpy())
+        return loop
 
     def latest(self) -> Optional[str]:
         """Path of the newest complete checkpoint in `directory` (per its state file), or None."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 import keras
@@ -137,3 +138,24 @@ def is_non_chief_process() -> bool:
         return False
     task = config["task"]
     return not _is_chief_task(config["cluster"], task.get("type"), task.get("index"))
+
+
+@contextmanager
+def training_process_settings(train):
+    """Seed, op determinism and the precision policy of a run; yields the policy name, restores both after.
+
+    `train` is the config's TrainConfig.
+    """
+    from tensorflow.python.framework import config as tf_config  # is/disable_op_determinism are not public
+
+    policy_before = keras.mixed_precision.global_policy().name
+    determinism_before = tf_config.is_op_determinism_enabled()
+    try:
+        if train.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(train.seed)
+        yield set_precision(train.precision)
+    finally:
+        keras.mixed_precision.set_global_policy(policy_before)
+        if train.deterministic and not determinism_before:
+            tf_config.disable_op_determinism()

@@ -1,9 +1,11 @@
-"""The training loop: one tf.function step run through a tf.distribute strategy.
+"""The compiled training and validation steps, run through a tf.distribute strategy.
 
 Keras's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585),
 so segtrain runs its own step: forward pass, loss in float32, loss scaling under
 mixed_float16, gradient clipping by the norm of the *global* gradient, optimizer
 update; a validation step that accumulates one confusion matrix over the whole split.
+One call of `train_steps` runs several optimizer steps inside one `tf.function` and hands
+their losses back together, so the host syncs once per call, not once per step.
 
 Distribution convention (Keras's): inside a tf.distribute replica a loss returns that
 replica's *share* of the global-batch loss, so summing the replicas' losses (and their
@@ -16,177 +18,54 @@ global batch, up to float32 summation order.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Optional
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from segtrain.config import TrainConfig
+from segtrain.decision import decide_tf, probabilities_tf
 from segtrain.losses.functional import replica_sum
 from segtrain.metrics import ConfusionMatrix, labels_from_logits
 
-WARMUP_START = 0.01
-"""Warm-up starts at this fraction of train.learning_rate and rises linearly to it."""
 
-
-@keras.saving.register_keras_serializable(package="segtrain")
-class ScaledWarmup(keras.optimizers.schedules.LearningRateSchedule):
-    """A constant learning rate times a scale variable, after an optional linear warm-up.
-
-    Formula:
-    ```
-    lr(step) = learning_rate * scale * ramp(step)
-    ramp(step) = WARMUP_START + (1 - WARMUP_START) * min(step, warmup_steps) / warmup_steps   (1 without warm-up)
-    ```
-
-    `scale` is a variable that reduce-on-plateau lowers between epochs; it lives in the
-    checkpoint, so a resumed run continues with the reduced rate.
-
-    Args:
-        learning_rate: the base rate (train.learning_rate).
-        warmup_steps: steps of linear warm-up (0: none).
-        scale: a scalar float32 variable (or None for 1).
-    """
-
-    def __init__(self, learning_rate: float, warmup_steps: int = 0, scale: Optional[tf.Variable] = None):
-        self.learning_rate = float(learning_rate)
-        self.warmup_steps = int(warmup_steps)
-        self.scale = scale
-
-    def __call__(self, step):
-        lr = tf.constant(self.learning_rate, tf.float32)
-        if self.scale is not None:
-            lr = lr * tf.cast(tf.convert_to_tensor(self.scale), tf.float32)
-        if self.warmup_steps > 0:
-            progress = tf.minimum(tf.cast(step, tf.float32), float(self.warmup_steps)) / float(self.warmup_steps)
-            lr = lr * (WARMUP_START + (1.0 - WARMUP_START) * progress)
-        return lr
-
-    def get_config(self):
-        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
-
-
-def make_schedule(train: TrainConfig, total_steps: int, steps_per_epoch: int, lr_scale: Optional[tf.Variable] = None):
-    """The learning rate as a function of the optimizer step.
-
-    cosine: linear warm-up from 1% of train.learning_rate over train.warmup_epochs, then
-    cosine decay to 1% at the last step. constant: the rate (after the same warm-up).
-    plateau: like constant, times `lr_scale`, which `PlateauState` lowers by
-    train.plateau_factor when the monitored metric stalls for train.plateau_patience
-    validated epochs.
-    """
-    warmup = int(round(train.warmup_epochs * steps_per_epoch))
-    if train.schedule == "cosine":
-        decay_steps = max(1, total_steps - warmup)
-        if warmup > 0:
-            return keras.optimizers.schedules.CosineDecay(
-                initial_learning_rate=train.learning_rate * WARMUP_START,
-                decay_steps=decay_steps,
-                alpha=0.01,
-                warmup_target=train.learning_rate,
-                warmup_steps=warmup,
-            )
-        return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps, alpha=0.01)
-    return ScaledWarmup(train.learning_rate, warmup, lr_scale if train.schedule == "plateau" else None)
-
-
-def make_optimizer(train: TrainConfig, schedule, policy: str) -> keras.optimizers.Optimizer:
-    """Adam (AdamW with weight decay); wrapped for dynamic loss scaling under float16.
-
-    Gradient clipping is done by `Trainer` (on the all-reduced gradient), not by the
-    optimizer: Keras clips each replica's share before the all-reduce.
-    """
-    if train.weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
-    else:
-        optimizer = keras.optimizers.Adam(learning_rate=schedule)
-    if policy == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
-def current_learning_rate(optimizer) -> float:
-    """The learning rate the next step will use."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    lr = inner.learning_rate
-    return float(lr.numpy() if hasattr(lr, "numpy") else lr)
-
-
-class PlateauState:
-    """Reduce-on-plateau bookkeeping over checkpointed variables (scale, epochs without improvement)."""
-
-    def __init__(self, train: TrainConfig, lr_scale: tf.Variable, wait: tf.Variable):
-        self.factor = train.plateau_factor
-        self.patience = train.plateau_patience
-        self.min_scale = train.plateau_min_learning_rate / train.learning_rate
-        self.lr_scale = lr_scale
-        self.wait = wait
-
-    def update(self, improved: bool) -> Optional[float]:
-        """Call after each validated epoch; returns the new scale when the rate was lowered."""
-        if improved:
-            self.wait.assign(0)
-            return None
-        self.wait.assign_add(1)
-        if int(self.wait.numpy()) < self.patience:
-            return None
-        self.wait.assign(0)
-        old = float(self.lr_scale.numpy())
-        new = max(old * self.factor, self.min_scale)
-        if new >= old * (1 - 1e-6):  # already at the minimum (the scale is stored in float32)
-            return None
-        self.lr_scale.assign(new)
-        return new
-
-
-@dataclass
-class StepResult:
-    loss: float
-    finite: bool
-
-
-def logits_labeler(rule: str, threshold: Optional[float] = None, cost_matrix=None):
+def logits_labeler(rule: str, threshold=None, cost_matrix=None):
     """Logits -> int32 labels by the decision rule of eval/predict (argmax, cost or threshold)."""
     if rule == "argmax":
         return labels_from_logits
-    from segtrain.decision import decide_tf
 
     def labeler(logits):
-        logits = tf.cast(logits, tf.float32)
-        probs = tf.sigmoid(logits) if logits.shape[-1] == 1 else tf.nn.softmax(logits, axis=-1)
-        return tf.cast(decide_tf(probs, rule, threshold, cost_matrix), tf.int32)
+        return tf.cast(decide_tf(probabilities_tf(logits), rule, threshold, cost_matrix), tf.int32)
 
     return labeler
 
 
+def _summed_variable():
+    """A float64 scalar each replica adds to; reading it sums the replicas."""
+    return tf.Variable(0.0, dtype=tf.float64, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                       aggregation=tf.VariableAggregation.SUM)
+
+
 class Trainer:
-    """Owns the distributed train and validation steps for one model, loss and optimizer."""
+    """Owns the distributed train and validation steps for one model, loss and optimizer.
+
+    Args:
+        labeler: logits -> class labels for validation (default: argmax, see `logits_labeler`).
+    """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, loss_fn, optimizer,
-                 num_classes: int, grad_clip_norm: Optional[float] = None, labeler=None):
-        """`labeler` turns logits into class labels for validation (default: argmax / sigmoid >= 0.5);
-        `logits_labeler` builds one from the config's decision rule."""
+                 num_classes: int, grad_clip_norm=None, labeler=None):
         self.labeler = labeler or labels_from_logits
         self.strategy = strategy
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
-        self.num_classes = num_classes
         self.grad_clip_norm = grad_clip_norm
         with strategy.scope():
             if not optimizer.built:  # before tracing: LossScaleOptimizer reads its scale variable only once built
                 optimizer.build(model.trainable_variables)
             self.confusion = ConfusionMatrix(num_classes)
-            self.val_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False,
-                                            synchronization=tf.VariableSynchronization.ON_READ,
-                                            aggregation=tf.VariableAggregation.SUM)
-            self.val_images = tf.Variable(0.0, dtype=tf.float64, trainable=False,
-                                          synchronization=tf.VariableSynchronization.ON_READ,
-                                          aggregation=tf.VariableAggregation.SUM)
-        self._train_step = tf.function(self._distributed_train_step)
+            self.val_loss_sum = _summed_variable()
+            self.val_images = _summed_variable()
+        self._train_steps = tf.function(self._distributed_train_steps)
         self._val_step = tf.function(self._distributed_val_step)
         self._weights_finite = tf.function(self._all_weights_finite)
         self._multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -221,15 +100,20 @@ class Trainer:
         self.optimizer.apply_gradients(zip(grads, variables))
         return loss
 
-    def _distributed_train_step(self, iterator):
-        images, masks = next(iterator)
-        per_replica = self.strategy.run(self._replica_train_step, args=(images, masks))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    def _distributed_train_steps(self, iterator, count):
+        losses = tf.TensorArray(tf.float32, size=count)
+        for i in tf.range(count):
+            images, masks = next(iterator)
+            per_replica = self.strategy.run(self._replica_train_step, args=(images, masks))
+            losses = losses.write(i, self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+        return losses.stack()
 
-    def train_step(self, iterator) -> StepResult:
-        """One optimizer step on the next global batch; reports the loss (before the update) and whether it is finite."""
-        loss = float(self._train_step(iterator))
-        return StepResult(loss, math.isfinite(loss))
+    def train_steps(self, iterator, count: int = 1) -> np.ndarray:
+        """`count` optimizer steps on the next global batches, in one compiled call.
+
+        Returns the loss of each step (computed before its update), as float32 NumPy values.
+        """
+        return self._train_steps(iterator, tf.constant(count, tf.int32)).numpy()
 
     def _all_weights_finite(self):
         values = [tf.convert_to_tensor(v) for v in self.model.weights]
@@ -246,7 +130,7 @@ class Trainer:
     def stop_agreed(self, local: bool) -> bool:
         """Whether any worker asked to stop (SIGINT/SIGTERM), so that all stop and checkpoint at the same step.
 
-        Off multi-worker this is just `local`; on it, one scalar all-reduce per step.
+        Off multi-worker this is just `local`; on it, one scalar all-reduce per call.
         """
         if not self._multi_worker:
             return local
@@ -258,8 +142,7 @@ class Trainer:
         # This replica's share of the batch's loss (see the module docstring); the shares sum to it.
         share = tf.cast(self.loss_fn(masks, tf.cast(logits, tf.float32)), tf.float64)
         count = tf.cast(tf.shape(images)[0], tf.float64)
-        batch_images = replica_sum(count)
-        self.val_loss_sum.assign_add(share * batch_images)  # summed over replicas: batch loss x batch images
+        self.val_loss_sum.assign_add(share * replica_sum(count))  # summed over replicas: loss x batch images
         self.val_images.assign_add(count)
         self.confusion.update_state(masks, self.labeler(logits))
 

@@ -1,0 +1,220 @@
+"""The training loop, as an outline: for each epoch train, validate, write, checkpoint, decide whether to stop.
+
+Exact resume: the checkpoint is the commit point of an epoch. At an epoch end the history
+row, last.keras and best.keras are written first and the checkpoint last, so a run killed at
+any moment resumes from a checkpoint whose epoch's files are either all written or redone
+identically. Checkpoints inside an epoch (`train.checkpoint_every_steps`, a signal) fall on
+call boundaries of the compiled step, where the loop state and the weights agree.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import tensorflow as tf
+
+from segtrain.engine.schedules import current_learning_rate
+from segtrain.engine.setup import Engine, RunData
+from segtrain.engine.state import LoopState
+from segtrain.errors import DataError, Interrupted, TrainingDiverged
+
+
+def run_training(engine: Engine, data: RunData, run_dir: Path, log) -> LoopState:
+    """Train from where `engine.loop` stands to the last epoch (or an early stop); returns the loop state."""
+    train, loop = engine.config.train, engine.loop
+    files = EpochFiles(run_dir, engine.chief)
+    with StopFlag() as stop:
+        while loop.epoch < train.epochs:
+            started = time.perf_counter()
+            steps_before = loop.step_in_epoch
+            train_epoch(engine, data, loop, stop, run_dir)
+            row = epoch_row(engine, loop, time.perf_counter() - started, loop.step_in_epoch - steps_before)
+            validated = (loop.epoch + 1) % train.validate_every == 0 or loop.epoch + 1 == train.epochs
+            if validated:
+                row.update(validation_columns(engine, data))
+            improved = loop.finish_epoch(row)
+            lowered = engine.plateau.update(improved) if engine.plateau is not None and validated else None
+            files.write(loop.rows, engine.model, improved)
+            save_checkpoint(engine, loop, f"after epoch {loop.epoch}", run_dir)
+            if engine.trainer.stop_agreed(stop.requested):  # a signal during validation or saving
+                raise interrupted(stop, f"after epoch {loop.epoch}", run_dir)
+            log(epoch_summary(row))
+            if lowered is not None:
+                log(f"{train.monitor} has not improved for {train.plateau_patience} validated epoch(s): "
+                    f"learning rate lowered to {current_learning_rate(engine.optimizer):.3g}.")
+            if should_stop_early(loop, train.early_stopping_patience):
+                log(f"Early stopping: {train.monitor} has not improved for {train.early_stopping_patience} epochs "
+                    f"(best {loop.best_text()} at epoch {loop.best_epoch}).")
+                break
+    return loop
+
+
+def train_epoch(engine: Engine, data: RunData, loop: LoopState, stop: "StopFlag", run_dir: Path) -> None:
+    """The epoch's remaining optimizer steps, in compiled calls of up to `steps_per_execution` steps."""
+    from tqdm import tqdm
+
+    train, batch = engine.config.train, engine.config.data.batch_size
+    epoch_label = f"epoch {loop.epoch + 1}/{train.epochs}"
+    bar = tqdm(total=loop.steps_per_epoch, initial=loop.step_in_epoch, desc=epoch_label, unit="step",
+               dynamic_ncols=True, disable=None)
+    started, images = time.perf_counter(), 0
+    try:
+        while loop.steps_left_in_epoch > 0:
+            count = steps_in_next_call(loop, train.checkpoint_every_steps, steps_per_execution(engine))
+            try:
+                losses = engine.trainer.train_steps(data.train_iterator, count)
+            except tf.errors.OpError as exc:
+                raise data_error_from(exc) from None
+            check_finite(losses, loop, run_dir)
+            loop.add_step_losses(losses)
+            images += count * batch
+            bar.set_postfix(loss=f"{loop.mean_loss:.4f}", img_s=f"{images / max(time.perf_counter() - started, 1e-9):.1f}")
+            bar.update(count)
+            where = f"at epoch {loop.epoch + 1}, step {loop.step_in_epoch}"
+            if engine.trainer.stop_agreed(stop.requested):
+                save_checkpoint(engine, loop, where, run_dir)
+                raise interrupted(stop, where, run_dir)
+            every = train.checkpoint_every_steps
+            if every and loop.global_step % every == 0 and loop.steps_left_in_epoch > 0:
+                save_checkpoint(engine, loop, where, run_dir)
+    finally:
+        bar.close()
+
+
+def steps_per_execution(engine: Engine) -> int:
+    return max(1, int(getattr(engine.config.train, "steps_per_execution", 1) or 1))
+
+
+def steps_in_next_call(loop: LoopState, checkpoint_every: Optional[int], per_call: int) -> int:
+    """Steps of the next compiled call: at most `per_call`, never past the epoch's end or a checkpoint step."""
+    count = min(per_call, loop.steps_left_in_epoch)
+    if checkpoint_every:
+        count = min(count, checkpoint_every - loop.global_step % checkpoint_every)
+    return count
+
+
+def check_finite(losses, loop: LoopState, run_dir: Path) -> None:
+    """A NaN or Inf loss stops the run, naming the epoch and step; the last good checkpoint is kept."""
+    for offset, value in enumerate(losses):
+        if not math.isfinite(float(value)):
+            raise TrainingDiverged(
+                f"loss became {float(value)} at epoch {loop.epoch + 1}, step {loop.step_in_epoch + offset + 1} "
+                f"(global step {loop.global_step + offset + 1}). The last good checkpoint is kept in "
+                f"{run_dir / 'checkpoints'}. Lower train.learning_rate or set train.grad_clip_norm."
+            )
+
+
+def epoch_row(engine: Engine, loop: LoopState, seconds: float, steps_done: int) -> dict:
+    """The history row of the epoch under way (before validation)."""
+    images = steps_done * engine.config.data.batch_size
+    return {"epoch": loop.epoch + 1, "step": loop.global_step, "loss": loop.mean_loss,
+            "lr": current_learning_rate(engine.optimizer), "seconds": seconds,
+            "images_per_second": images / max(seconds, 1e-9)}
+
+
+def validation_columns(engine: Engine, data: RunData) -> dict:
+    """val_loss, val_mean_iou, val_pixel_accuracy, val_iou_<class>, val_dice_<class> over the whole val split."""
+    from segtrain.metrics import metrics_from_confusion
+
+    try:
+        val_loss, confusion = engine.trainer.validate(data.val)
+    except tf.errors.OpError as exc:
+        raise data_error_from(exc) from None
+    metrics = metrics_from_confusion(confusion, engine.config.data.classes)
+    columns = {"val_loss": val_loss, "val_mean_iou": metrics["mean_iou"],
+               "val_pixel_accuracy": metrics["pixel_accuracy"]}
+    for name, values in metrics["per_class"].items():
+        columns[f"val_iou_{name}"] = values["iou"]
+        columns[f"val_dice_{name}"] = values["dice"]
+    return columns
+
+
+def should_stop_early(loop: LoopState, patience: Optional[int]) -> bool:
+    return patience is not None and loop.best_epoch > 0 and loop.epochs_without_improvement() >= patience
+
+
+def epoch_summary(row: dict) -> str:
+    summary = f"epoch {row['epoch']}: loss {row['loss']:.4f}"
+    if "val_loss" in row:
+        summary += f", val_loss {row['val_loss']:.4f}, val_mean_iou {row['val_mean_iou']:.4f}"
+    return summary
+
+
+def save_checkpoint(engine: Engine, loop: LoopState, where: str, run_dir: Path) -> None:
+    """Checkpoint the model, optimizer and loop state, after checking that the weights are finite."""
+    if not engine.trainer.weights_finite():
+        raise TrainingDiverged(
+            f"the weights became NaN or Inf {where} (global step {loop.global_step}). The last good checkpoint is "
+            f"kept in {run_dir / 'checkpoints'}. Lower train.learning_rate or set train.grad_clip_norm."
+        )
+    engine.checkpoint.save_loop(loop)
+
+
+class EpochFiles:
+    """The files an epoch end writes on the chief: history.csv and .png, last.keras, best.keras, TensorBoard."""
+
+    def __init__(self, run_dir: Path, chief: bool):
+        self.run_dir = run_dir
+        self.chief = chief
+        self.writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
+
+    def write(self, rows: list[dict], model, improved: bool) -> None:
+        from segtrain.history import plot_history_png, write_history, write_scalars
+        from segtrain.runs import save_model_atomic
+
+        if not self.chief:
+            return
+        write_history(rows, self.run_dir / "history.csv")
+        save_model_atomic(model, self.run_dir / "last.keras")
+        if improved:
+            save_model_atomic(model, self.run_dir / "best.keras")
+        write_scalars(self.writer, rows[-1], int(rows[-1]["epoch"]))
+        plot_history_png(rows, self.run_dir / "history.png")
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each compiled call."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted(stop: StopFlag, where: str, run_dir: Path) -> Interrupted:
+    reason = stop.signal_name or "a signal on another worker"
+    return Interrupted(
+        f"{reason}: stopped {where}; checkpoint saved. "
+        f"Resume with: segtrain fit {run_dir / 'config.yaml'} --resume --out {run_dir}"
+    )
+
+
+def data_error_from(exc) -> Exception:
+    """A DataError raised inside the tf.data pipeline arrives wrapped in a TF error: unwrap its message."""
+    message = str(exc)
+    marker = "DataError: "
+    if marker in message:
+        return DataError(message.split(marker, 1)[1].splitlines()[0].strip())
+    return exc

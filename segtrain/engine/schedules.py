@@ -1,0 +1,123 @@
+"""Learning-rate schedules, the optimizer, and reduce-on-plateau bookkeeping."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from segtrain.config import TrainConfig
+
+WARMUP_START = 0.01
+"""Warm-up starts at this fraction of train.learning_rate and rises linearly to it."""
+
+
+@keras.saving.register_keras_serializable(package="segtrain")
+class ScaledWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """A constant learning rate times a scale variable, after an optional linear warm-up.
+
+    Formula:
+    ```
+    lr(step) = learning_rate * scale * ramp(step)
+    ramp(step) = WARMUP_START + (1 - WARMUP_START) * min(step, warmup_steps) / warmup_steps   (1 without warm-up)
+    ```
+
+    `scale` is a variable that reduce-on-plateau lowers between epochs; it lives in the
+    checkpoint, so a resumed run continues with the reduced rate.
+
+    Args:
+        learning_rate: the base rate (train.learning_rate).
+        warmup_steps: steps of linear warm-up (0: none).
+        scale: a scalar float32 variable (or None for 1).
+    """
+
+    def __init__(self, learning_rate: float, warmup_steps: int = 0, scale: Optional[tf.Variable] = None):
+        self.learning_rate = float(learning_rate)
+        self.warmup_steps = int(warmup_steps)
+        self.scale = scale
+
+    def __call__(self, step):
+        lr = tf.constant(self.learning_rate, tf.float32)
+        if self.scale is not None:
+            lr = lr * tf.cast(tf.convert_to_tensor(self.scale), tf.float32)
+        if self.warmup_steps > 0:
+            progress = tf.minimum(tf.cast(step, tf.float32), float(self.warmup_steps)) / float(self.warmup_steps)
+            lr = lr * (WARMUP_START + (1.0 - WARMUP_START) * progress)
+        return lr
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
+
+
+def make_schedule(train: TrainConfig, total_steps: int, steps_per_epoch: int, lr_scale: Optional[tf.Variable] = None):
+    """The learning rate as a function of the optimizer step.
+
+    cosine: linear warm-up from 1% of train.learning_rate over train.warmup_epochs, then
+    cosine decay to 1% at the last step. constant: the rate (after the same warm-up).
+    plateau: like constant, times `lr_scale`, which `PlateauState` lowers by
+    train.plateau_factor when the monitored metric stalls for train.plateau_patience
+    validated epochs.
+    """
+    warmup = int(round(train.warmup_epochs * steps_per_epoch))
+    if train.schedule == "cosine":
+        decay_steps = max(1, total_steps - warmup)
+        if warmup > 0:
+            return keras.optimizers.schedules.CosineDecay(
+                initial_learning_rate=train.learning_rate * WARMUP_START,
+                decay_steps=decay_steps,
+                alpha=0.01,
+                warmup_target=train.learning_rate,
+                warmup_steps=warmup,
+            )
+        return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps, alpha=0.01)
+    return ScaledWarmup(train.learning_rate, warmup, lr_scale if train.schedule == "plateau" else None)
+
+
+def make_optimizer(train: TrainConfig, schedule, policy: str) -> keras.optimizers.Optimizer:
+    """Adam (AdamW with weight decay); wrapped for dynamic loss scaling under float16.
+
+    Gradient clipping is done by `Trainer` (on the all-reduced gradient), not by the
+    optimizer: Keras clips each replica's share before the all-reduce.
+    """
+    if train.weight_decay > 0:
+        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=schedule)
+    if policy == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def current_learning_rate(optimizer) -> float:
+    """The learning rate the next step will use."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    lr = inner.learning_rate
+    return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+class PlateauState:
+    """Reduce-on-plateau bookkeeping over checkpointed variables (scale, epochs without improvement)."""
+
+    def __init__(self, train: TrainConfig, lr_scale: tf.Variable, wait: tf.Variable):
+        self.factor = train.plateau_factor
+        self.patience = train.plateau_patience
+        self.min_scale = train.plateau_min_learning_rate / train.learning_rate
+        self.lr_scale = lr_scale
+        self.wait = wait
+
+    def update(self, improved: bool) -> Optional[float]:
+        """Call after each validated epoch; returns the new scale when the rate was lowered."""
+        if improved:
+            self.wait.assign(0)
+            return None
+        self.wait.assign_add(1)
+        if int(self.wait.numpy()) < self.patience:
+            return None
+        self.wait.assign(0)
+        old = float(self.lr_scale.numpy())
+        new = max(old * self.factor, self.min_scale)
+        if new >= old * (1 - 1e-6):  # already at the minimum (the scale is stored in float32)
+            return None
+        self.lr_scale.assign(new)
+        return new
