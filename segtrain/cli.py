@@ -6,7 +6,6 @@ Exit codes: 0 success, 2 bad usage, config or data (one message, no traceback),
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -96,7 +95,7 @@ def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed
 def predict(images, checkpoint, out, decision, threshold, tta, probabilities, overlay):
     """Write one mask per image in IMAGES (files or folders): same stem, same size, training encoding."""
     _import_tensorflow_quietly()
-    from segtrain.evaluate import collect_images, predict_images
+    from segtrain.predict import collect_images, predict_images
 
     decision = _decision_from_options(decision, threshold)
     predict_images(collect_images(list(images)), checkpoint, Path(out) if out else None, decision, threshold, tta,
@@ -109,23 +108,17 @@ def predict(images, checkpoint, out, decision, threshold, tta, probabilities, ov
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 def stats(config_path, overrides, as_json):
     """Check the data set and print class pixel counts and the weights of every strategy."""
-    from segtrain.class_weights import ClassCounter, class_stats_dict, format_stats_table
+    from segtrain.atomic import json_text
+    from segtrain.class_weights import class_stats_dict, format_stats_table
     from segtrain.config import load_config
-    from segtrain.data.discovery import find_pairs
-    from segtrain.data.images import image_channels
-    from segtrain.data.masks import MaskMapping
-    from segtrain.data.scan import scan_pairs
+    from segtrain.data.scan import scan_training_set
 
     config = load_config(config_path, list(overrides))
     data = config.data
-    pairs = find_pairs(data.root, data.train_split)
-    mapping = MaskMapping(data.mask, data.classes)
-    counter = ClassCounter(len(data.classes))
-    channels = image_channels(pairs[0].image)
-    scan_pairs(pairs, mapping, channels, data.max_image_pixels, counter, description=None if as_json else "counting")
+    pairs, mapping, _, counter = scan_training_set(data, description=None if as_json else "counting")
     result = class_stats_dict(counter, data.classes, config.loss["class_weights"], config.loss["max_weight"])
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json_text(result))
     else:
         click.echo(f"{data.root}/{data.train_split}: {len(pairs)} pairs checked; masks read as {mapping.describe()}.")
         click.echo(format_stats_table(result))

@@ -90,13 +90,15 @@ def _probability_fn(model):
     """
     try:
         return _FN_CACHE[model]
-    except (KeyError, TypeError):
-        pass
-    try:
-        ref = weakref.ref(model)
-        get_model = ref
+    except KeyError:
+        fn = _FN_CACHE[model] = _make_probability_fn(weakref.ref(model))
+        return fn
     except TypeError:  # not weak-referenceable: hold it directly, skip the cache
-        get_model = lambda: model  # noqa: E731
+        return _make_probability_fn(lambda: model)
+
+
+def _make_probability_fn(get_model):
+    """The tf.function of `_probability_fn`; `get_model()` returns the model."""
 
     @tf.function
     def fn(x, hflip=False, vflip=False):
@@ -111,10 +113,6 @@ def _probability_fn(model):
             probs = tf.reverse(probs, axis=[1])
         return probs
 
-    try:
-        _FN_CACHE[model] = fn
-    except TypeError:
-        pass
     return fn
 
 
@@ -126,10 +124,6 @@ def _predict_batch(fn, x, tta: bool) -> np.ndarray:
     total += fn(x, hflip=True).numpy()
     total += fn(x, vflip=True).numpy()
     return total / 3.0
-
-
-def _round_up(n: int, divisor: int) -> int:
-    return int(math.ceil(n / divisor) * divisor)
 
 
 def predict_probabilities(
@@ -148,7 +142,7 @@ def predict_probabilities(
     Args:
         model: Keras model (or callable `model(x, training=False)`) mapping (B, h, w, Cin) to
             logits (B, h, w, C); C == 1 is binary (sigmoid, K = 2 channels [1 - p, p]),
-            C >= 2 softmax (K = C).
+            C >= 2 softmax (K = C), through `segtrain.decision.probabilities_tf`.
         image: (H, W, Cin) array (or (H, W) for one channel), already normalised for the model.
         tile_size: tile side in pixels, a multiple of `divisor`.
         overlap: fraction of a tile shared by neighbouring tiles, in [0, 1); stride is
@@ -163,11 +157,29 @@ def predict_probabilities(
     Returns:
         (H, W, K) float32 probabilities summing to 1 over the last axis.
     """
+    image = _as_image(image)
+    _check_tiling(tile_size, overlap, batch_size, window, divisor)
+    height, width = image.shape[:2]
+    image = _pad_small_sides(image, tile_size, divisor)
+    fn = _probability_fn(model)
+    if image.shape[0] <= tile_size and image.shape[1] <= tile_size:  # one tile: one exact forward pass
+        probs = _predict_batch(fn, image[None], tta)[0]
+    else:
+        probs = _blend_tiles(fn, image, tile_size, overlap, batch_size, window, tta, progress)
+    return np.ascontiguousarray(probs[:height, :width], dtype=np.float32)
+
+
+def _as_image(image) -> np.ndarray:
+    """(H, W, C) float32 from an (H, W, C) or (H, W) array."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W, C) or (H, W), got shape {image.shape}")
+    return image
+
+
+def _check_tiling(tile_size: int, overlap: float, batch_size: int, window: str, divisor: int) -> None:
     if divisor < 1 or tile_size < divisor or tile_size % divisor:
         raise ValueError(f"tile_size ({tile_size}) must be a positive multiple of divisor ({divisor})")
     if not 0.0 <= overlap < 1.0:
@@ -177,31 +189,39 @@ def predict_probabilities(
     if window not in WINDOWS:
         raise ValueError(f"unknown window {window!r}; choose one of {', '.join(WINDOWS)}")
 
+
+def _pad_small_sides(image: np.ndarray, tile_size: int, divisor: int) -> np.ndarray:
+    """Reflect-pad each side no longer than a tile to a multiple of `divisor` (a tile then spans it whole);
+    longer sides are tiled as they are."""
     height, width = image.shape[:2]
-    fn = _probability_fn(model)
-    # A side shorter than a tile is padded to the divisor only; the tile then spans it whole.
     ph = height if height > tile_size else _round_up(height, divisor)
     pw = width if width > tile_size else _round_up(width, divisor)
-    if (ph, pw) != (height, width):
-        image = np.pad(image, ((0, ph - height), (0, pw - width), (0, 0)), mode="reflect")
+    if (ph, pw) == (height, width):
+        return image
+    return np.pad(image, ((0, ph - height), (0, pw - width), (0, 0)), mode="reflect")
 
-    if ph <= tile_size and pw <= tile_size:  # one tile: one exact forward pass
-        probs = _predict_batch(fn, image[None], tta)[0]
-        return np.ascontiguousarray(probs[:height, :width], dtype=np.float32)
 
-    th, tw = min(tile_size, ph), min(tile_size, pw)
-    stride = max(1, int(round(tile_size * (1.0 - overlap))))
-    coords = [
-        (y, x)
-        for y in tile_positions(ph, th, min(stride, th))
-        for x in tile_positions(pw, tw, min(stride, tw))
-    ]
+def _round_up(n: int, divisor: int) -> int:
+    return int(math.ceil(n / divisor) * divisor)
+
+
+def _tile_offsets(height: int, width: int, th: int, tw: int, stride: int) -> list[tuple[int, int]]:
+    """(y, x) offsets of the tiles of shape (th, tw) covering a height x width image, row by row."""
+    return [(y, x)
+            for y in tile_positions(height, th, min(stride, th))
+            for x in tile_positions(width, tw, min(stride, tw))]
+
+
+def _blend_tiles(fn, image: np.ndarray, tile_size: int, overlap: float, batch_size: int, window: str,
+                 tta: bool, progress: bool) -> np.ndarray:
+    """The window-weighted mean of the overlapping tiles' probabilities (module formula), (H, W, K) float32."""
+    height, width = image.shape[:2]
+    th, tw = min(tile_size, height), min(tile_size, width)
+    coords = _tile_offsets(height, width, th, tw, max(1, int(round(tile_size * (1.0 - overlap)))))
     win = make_window((th, tw), window)
-    win3 = win[..., None]
     acc = None
-    weight = np.zeros((ph, pw), dtype=np.float32)
+    weight = np.zeros((height, width), dtype=np.float32)
     batch = np.zeros((batch_size, th, tw, image.shape[2]), dtype=np.float32)
-
     with tqdm(total=len(coords), desc="tiles", unit="tile", disable=not progress, leave=False) as bar:
         for start in range(0, len(coords), batch_size):
             chunk = coords[start : start + batch_size]
@@ -210,12 +230,9 @@ def predict_probabilities(
             # Unused slots keep the previous tiles: same shape every call, results discarded.
             probs = _predict_batch(fn, batch, tta)
             if acc is None:
-                acc = np.zeros((ph, pw, probs.shape[-1]), dtype=np.float32)
+                acc = np.zeros((height, width, probs.shape[-1]), dtype=np.float32)
             for i, (y, x) in enumerate(chunk):
-                acc[y : y + th, x : x + tw] += probs[i] * win3
+                acc[y : y + th, x : x + tw] += probs[i] * win[..., None]
                 weight[y : y + th, x : x + tw] += win
             bar.update(len(chunk))
-
-    acc = acc[:height, :width]
-    acc /= weight[:height, :width, None]
-    return np.ascontiguousarray(acc)
+    return acc / weight[..., None]

@@ -118,6 +118,19 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> tuple[Path, Path]:
     raise CheckpointError(f"{path}: checkpoint not found. Pass a run folder (e.g. runs/roads) or a .keras file.")
 
 
+def run_config(run_dir: Path):
+    """The resolved config a run saved (config.yaml beside the model)."""
+    from segtrain.config import load_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir}: no config.yaml beside the model; eval and predict need the run's config "
+            "(class names, mask encoding). Point --checkpoint at a run folder made by `segtrain fit`."
+        )
+    return load_config(path)
+
+
 def load_model(path: Path) -> keras.Model:
     """Load a .keras model with Keras's safe mode on (no arbitrary code)."""
     try:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from segtrain.data.discovery import Pair
-from segtrain.data.images import image_size, read_image, read_raw_mask
+from segtrain.class_weights import ClassCounter
+from segtrain.config import DataConfig
+from segtrain.data.discovery import Pair, find_pairs
+from segtrain.data.images import image_channels, image_size, read_image, read_raw_mask
 from segtrain.data.masks import MaskMapping
 from segtrain.errors import DataError
 
@@ -52,3 +54,26 @@ def scan_pairs(pairs: list[Pair], mapping: MaskMapping, channels: int, max_pixel
                     counter.update(classes)
                 bar.update(1)
     bar.close()
+
+
+class TrainingSet(NamedTuple):
+    """The checked training split: its pairs, how its masks read, its images' channels and its class pixel counts."""
+
+    pairs: list[Pair]
+    mapping: MaskMapping
+    channels: int
+    counter: ClassCounter
+
+
+def scan_training_set(data: DataConfig, description: Optional[str] = None) -> TrainingSet:
+    """Find the pairs of `data.train_split`, check every one and count its class pixels, in one pass.
+
+    The channels are those of the first image (every image is read with them). `description`
+    labels a progress bar; None shows none.
+    """
+    pairs = find_pairs(data.root, data.train_split)
+    mapping = MaskMapping(data.mask, data.classes)
+    channels = image_channels(pairs[0].image)
+    counter = ClassCounter(len(data.classes))
+    scan_pairs(pairs, mapping, channels, data.max_image_pixels, counter, description)
+    return TrainingSet(pairs, mapping, channels, counter)

@@ -1,0 +1,182 @@
+"""`segtrain predict`: find the images, load the run, predict each by tiles, decide, write the masks.
+
+`Predictor` (a loaded model plus the decision rule) is shared with `segtrain.evaluate`, so
+the masks predict writes are exactly the ones eval scores. The tiled-inference math lives
+in `segtrain.inference`, the decision rules in `segtrain.decision`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import click
+import numpy as np
+
+from segtrain.config import Config
+from segtrain.data.discovery import IMAGE_SUFFIXES
+from segtrain.data.images import read_image, write_png_atomic
+from segtrain.data.masks import MaskMapping
+from segtrain.errors import CheckpointError, DataError
+from segtrain.runs import load_model, resolve_checkpoint, run_config
+
+
+def tile_size(config: Config) -> int:
+    """predict.tile_size, or twice the training crop, or 512; a multiple of 2**depth."""
+    divisor = 2**config.model.depth
+    size = config.predict.tile_size or (2 * config.data.crop if config.data.crop else 512)
+    return max(divisor, size // divisor * divisor)
+
+
+class Predictor:
+    """A loaded model plus the decision rule: image array in, class-index mask out.
+
+    `decision`, `threshold` and `tta` override the config's `predict` section (None keeps
+    it) and get the config's checks.
+    """
+
+    def __init__(self, model, config: Config, decision: Optional[str] = None, threshold: Optional[float] = None,
+                 tta: Optional[bool] = None, log=click.echo):
+        from segtrain.config import _check_predict, decision_cost_matrix
+
+        self.model = model
+        self.channels = int(model.input_shape[-1])
+        predict = dataclasses.replace(
+            config.predict,
+            decision=decision or config.predict.decision,
+            threshold=threshold if threshold is not None else config.predict.threshold,
+            tta=config.predict.tta if tta is None else tta,
+        )
+        self.config = dataclasses.replace(config, predict=predict)
+        _check_predict(self.config)  # command-line overrides get the config's checks
+        self.decision, self.threshold, self.tta = predict.decision, predict.threshold, predict.tta
+        self.cost_matrix = decision_cost_matrix(self.config)
+        own_costs = any(v is not None for v in (predict.fp_cost, predict.fn_cost, predict.cost_matrix))
+        if self.decision == "cost" and not own_costs:
+            log("warning: decision=cost uses the cost_sensitive loss term's costs, which the model has already "
+                "learnt, so they count twice; prefer argmax for a cost-trained model, or train with plain "
+                "cross-entropy and set predict.fp_cost / predict.fn_cost for the decision.")
+
+    @classmethod
+    def load(cls, model_path: Path, config: Config, decision: Optional[str] = None,
+             threshold: Optional[float] = None, tta: Optional[bool] = None, log=click.echo) -> "Predictor":
+        """Load a saved model, check its outputs against the config's classes, and wrap it."""
+        from segtrain.model import output_channels
+
+        model = load_model(model_path)
+        expected = output_channels(len(config.data.classes))
+        actual = int(model.output_shape[-1])
+        if actual != expected:
+            raise CheckpointError(
+                f"{model_path}: the model has {actual} output channel(s) but the config names "
+                f"{len(config.data.classes)} classes (needs {expected}). Use the run's own config."
+            )
+        return cls(model, config, decision, threshold, tta, log)
+
+    def probabilities(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Class probabilities H x W x K at the image's own size (resized like training when data.resize is set)."""
+        import tensorflow as tf
+
+        from segtrain.inference import predict_probabilities
+
+        resize = self.config.data.resize
+        height, width = image.shape[:2]
+        if resize is not None:
+            image = tf.image.resize(image, resize, method="bilinear").numpy()
+        probabilities = predict_probabilities(
+            self.model, image, tile_size(self.config), overlap=self.config.predict.overlap,
+            batch_size=self.config.predict.batch_size, tta=self.tta, divisor=2**self.config.model.depth,
+            progress=progress,
+        )
+        if resize is not None:
+            probabilities = tf.image.resize(probabilities, (height, width), method="bilinear").numpy()
+        return probabilities
+
+    def labels(self, probabilities: np.ndarray) -> np.ndarray:
+        """Class indices H x W by the decision rule."""
+        from segtrain.decision import decide
+
+        return decide(probabilities, self.decision, threshold=self.threshold, cost_matrix=self.cost_matrix)
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Image files from the arguments (files or folders, folders not recursed), sorted, no duplicates."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{path}: not a supported image ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+            found.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder.")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise DataError(f"no images found in {', '.join(inputs)}.")
+    return unique
+
+
+def predict_images(images: list[Path], checkpoint: Optional[str], out_dir: Optional[Path],
+                   decision: Optional[str], threshold: Optional[float], tta: Optional[bool],
+                   probabilities: bool, overlay: bool, log=click.echo) -> Path:
+    """Write one mask per image (same stem, same size, training encoding) into out_dir (default: RUN/predictions).
+
+    With `probabilities` also `<stem>_prob_<class>.png` (0..255; the foreground only for two
+    classes), with `overlay` also `<stem>_overlay.png`.
+    """
+    from tqdm import tqdm
+
+    model_path, run_dir = resolve_checkpoint(checkpoint)
+    config = run_config(run_dir)
+    predictor = Predictor.load(model_path, config, decision, threshold, tta, log)
+    mapping = MaskMapping(config.data.mask, config.data.classes)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "predictions"
+    _check_outputs(images, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(images, desc="predicting", unit="image", disable=None):
+        _predict_one(predictor, mapping, path, out_dir, probabilities, overlay)
+    log(f"Wrote {len(images)} mask(s) to {out_dir} (model {model_path}, decision {predictor.decision}).")
+    return out_dir
+
+
+def _check_outputs(images: list[Path], out_dir: Path) -> None:
+    """One mask per stem, and never into a folder of input images."""
+    stems = [p.stem for p in images]
+    duplicated = {s for s in stems if stems.count(s) > 1}
+    if duplicated:
+        raise DataError(f"several input images share the stem {sorted(duplicated)[0]!r}; their masks would collide.")
+    if out_dir.resolve() in {p.resolve().parent for p in images}:
+        raise DataError(f"{out_dir}: this folder holds input images; write the masks elsewhere with --out.")
+
+
+def _predict_one(predictor: Predictor, mapping: MaskMapping, path: Path, out_dir: Path, probabilities: bool,
+                 overlay: bool) -> None:
+    """The mask of one image (and its probability maps and overlay when asked), written atomically."""
+    classes = predictor.config.data.classes
+    image = read_image(path, predictor.channels, predictor.config.data.max_image_pixels)
+    probs = predictor.probabilities(image)
+    labels = predictor.labels(probs)
+    write_png_atomic(mapping.encode(labels), out_dir / f"{path.stem}.png")
+    if probabilities:
+        for cls, name in enumerate(classes):
+            if len(classes) == 2 and cls == 0:
+                continue
+            write_png_atomic(np.round(probs[..., cls] * 255).astype(np.uint8), out_dir / f"{path.stem}_prob_{name}.png")
+    if overlay:
+        write_png_atomic(_overlay(image, labels, len(classes)), out_dir / f"{path.stem}_overlay.png")
+
+
+_COLOURS = np.array([[0, 0, 0], [255, 40, 40], [40, 200, 255], [255, 220, 0], [160, 80, 255],
+                     [0, 220, 120], [255, 120, 200], [255, 150, 40]], dtype=np.float32)
+
+
+def _overlay(image: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The image with non-background classes tinted in distinct colours."""
+    rgb = image if image.shape[-1] == 3 else np.repeat(image, 3, axis=-1)
+    colours = _COLOURS[np.arange(num_classes) % len(_COLOURS)]
+    tint = colours[labels]
+    alpha = np.where(labels[..., None] > 0, 0.5, 0.0)
+    return np.clip(rgb * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8)
