@@ -211,25 +211,13 @@ def metrics_from_confusion(cm, class_names, cost_matrix=None):
     if cm.shape != (k, k):
         raise ValueError(f"confusion matrix has shape {cm.shape}, expected ({k}, {k}) for {k} class names")
     total = int(cm.sum())
-    tp = np.diag(cm)
-    row = cm.sum(axis=1)  # true pixels per class (support)
-    col = cm.sum(axis=0)  # predicted pixels per class
-    per_class, ious = {}, []
-    fw_iou = 0.0
+    support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+    per_class, ious, fw_iou = {}, [], 0.0
     for c, name in enumerate(class_names):
-        t, fp, fn = int(tp[c]), int(col[c] - tp[c]), int(row[c] - tp[c])
-        iou = _ratio(t, t + fp + fn)
-        per_class[str(name)] = {
-            "iou": iou,
-            "dice": _ratio(2 * t, 2 * t + fp + fn),
-            "precision": _ratio(t, t + fp),
-            "recall": _ratio(t, t + fn),
-            "support": int(row[c]),
-            "present": (t + fp + fn) > 0,
-        }
-        if iou is not None:
-            ious.append(iou)
-            fw_iou += (row[c] / total) * iou
+        m = per_class[str(name)] = _class_metrics(int(tp[c]), int(predicted[c] - tp[c]), int(support[c] - tp[c]))
+        if m["iou"] is not None:
+            ious.append(m["iou"])
+            fw_iou += (support[c] / total) * m["iou"]
     out = {
         "per_class": per_class,
         "mean_iou": float(np.mean(ious)) if ious else None,
@@ -245,6 +233,18 @@ def metrics_from_confusion(cm, class_names, cost_matrix=None):
     out["classes"] = [str(n) for n in class_names]
     out["num_pixels"] = total
     return out
+
+
+def _class_metrics(tp, fp, fn):
+    """The per-class entry of `metrics_from_confusion` from one class's counts."""
+    return {
+        "iou": _ratio(tp, tp + fp + fn),
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "support": tp + fn,
+        "present": (tp + fp + fn) > 0,
+    }
 
 
 # --------------------------------------------------------------------------------------
