@@ -74,7 +74,7 @@ class Predictor:
             )
         return cls(model, config, decision, threshold, tta, log)
 
-    def probabilities(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Class probabilities H x W x K at the image's own size (resized like training when data.resize is set)."""
         import tensorflow as tf
 
@@ -87,7 +87,6 @@ class Predictor:
         probabilities = predict_probabilities(
             self.model, image, tile_size(self.config), overlap=self.config.predict.overlap,
             batch_size=self.config.predict.batch_size, tta=self.tta, divisor=2**self.config.model.depth,
-            progress=progress,
         )
         if resize is not None:
             probabilities = tf.image.resize(probabilities, (height, width), method="bilinear").numpy()
