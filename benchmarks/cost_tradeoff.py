@@ -34,18 +34,19 @@ from _common import (REPO, evaluate_model_file, machine_line, measure_step_secon
 
 def with_costs(config, fp: float, fn: float):
     """A copy of config whose cost_sensitive term (added if missing) prices the last class at fp / fn."""
+    from segtrain.config import term_class
+
     config = copy.deepcopy(config)
     k = len(config.data.classes)
-    terms = config.loss["terms"]
-    cost_terms = [t for t in terms if t["name"] == "cost_sensitive"]
+    terms = config.loss.terms
+    cost_terms = [t for t in terms if t.name == "cost_sensitive"]
     if not cost_terms:
-        terms.insert(0, {"name": "cost_sensitive", "weight": 1.0, "use_class_weights": True,
-                         "ignore_false_negatives": [], "cost_matrix": None})
+        terms.insert(0, term_class("cost_sensitive")())
         cost_terms = terms[:1]
     term = cost_terms[0]
-    term["cost_matrix"] = None
-    term["fp_cost"] = [1.0] * (k - 1) + [float(fp)]
-    term["fn_cost"] = [1.0] * (k - 1) + [float(fn)]
+    term.cost_matrix = None
+    term.fp_cost = [1.0] * (k - 1) + [float(fp)]
+    term.fn_cost = [1.0] * (k - 1) + [float(fn)]
     return config
 
 

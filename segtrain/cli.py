@@ -116,7 +116,7 @@ def stats(config_path, overrides, as_json):
     config = load_config(config_path, list(overrides))
     data = config.data
     pairs, mapping, _, counter = scan_training_set(data, description=None if as_json else "counting")
-    result = class_stats_dict(counter, data.classes, config.loss["class_weights"], config.loss["max_weight"])
+    result = class_stats_dict(counter, data.classes, config.loss.class_weights, config.loss.max_weight)
     if as_json:
         click.echo(json_text(result))
     else:

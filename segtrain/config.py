@@ -5,23 +5,108 @@ optional `predict` section. It is read with `yaml.safe_load`, overridden by
 `--set dotted.key=value` pairs, then checked against the dataclasses below: unknown
 keys are rejected with their dotted path and the closest valid name, wrong types are
 rejected with the expected type.
+
+Numbers may carry bounds (`NonNegative`, `Positive`, `Fraction`, `Bound`), and settings about
+classes (`PerClass`, `CostMatrix`, `ClassNames`) are checked against `data.classes`, mappings
+by class name becoming lists of K. The `loss` section's terms are the loss functions of
+`segtrain.losses.functional.TERMS`: a term's settings are its function's keyword arguments
+(`term_class`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
 
+from segtrain.class_weights import STRATEGIES
 from segtrain.errors import ConfigError
+
+# ---------------------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True)
+class Bound:
+    """`Annotated[float, Bound(">=", 0.0)]`: a finite number with `value >= 0.0` (op is ">=", ">" or "<")."""
+
+    op: str
+    limit: float
+
+    def check(self, value: float, path: str) -> None:
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}.")
+        if not {">=": value >= self.limit, ">": value > self.limit, "<": value < self.limit}[self.op]:
+            raise ConfigError(f"{path}: must be {self.op} {self.limit}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class ByClass:
+    """`Annotated[T, ByClass(resolve, description)]`: a setting about classes, checked against data.classes.
+
+    `resolve(value, path, classes)` returns the value as stored (a mapping by class name as a list of K).
+    """
+
+    resolve: Callable[[Any, str, list], Any]
+    description: str
+
+
+def _class_index(name: Any, path: str, classes: list) -> int:
+    if name not in classes:
+        raise ConfigError(f"{path}: unknown class {name!r}; valid classes: {', '.join(classes)}.")
+    return classes.index(name)
+
+
+def _class_names(value: Any, path: str, classes: list) -> list:
+    """A class name or a list of them -> the list, each once."""
+    names = [value] if isinstance(value, str) else value
+    for i, name in enumerate(names):
+        _class_index(name, f"{path}[{i}]", classes)
+    return list(dict.fromkeys(names))
+
+
+def _per_class(value: Any, path: str, classes: list) -> list:
+    """K numbers, or {class name: number} (1.0 for the classes it leaves out) -> a list of K."""
+    if isinstance(value, dict):
+        out = [1.0] * len(classes)
+        for name, number in value.items():
+            out[_class_index(name, f"{path}.{name}", classes)] = number
+        return out
+    if len(value) != len(classes):
+        raise ConfigError(f"{path}: expected {len(classes)} values, one per class ({', '.join(classes)}), "
+                          f"got {len(value)}.")
+    return list(value)
+
+
+def _cost_matrix(value: Any, path: str, classes: list) -> list:
+    k = len(classes)
+    if len(value) != k or any(len(row) != k for row in value):
+        raise ConfigError(f"{path}: expected a {k} x {k} list of rows C[true][pred] (classes {', '.join(classes)}).")
+    for i in range(k):
+        if value[i][i] != 0:
+            raise ConfigError(f"{path}[{i}][{i}]: the diagonal must be 0 (a correct prediction costs nothing), "
+                              f"got {value[i][i]!r}.")
+    return value
+
+
+NonNegative = Annotated[float, Bound(">=", 0.0)]
+Positive = Annotated[float, Bound(">", 0.0)]
+Fraction = Annotated[float, Bound(">=", 0.0), Bound("<", 1.0)]
+"""A number in [0, 1)."""
+PerClass = Annotated[Union[list[NonNegative], dict[str, NonNegative]],
+                     ByClass(_per_class, "a list of numbers, one per class, or a mapping class -> number")]
+"""Non-negative numbers per class: a list of K, or {class name: number} (classes left out: 1)."""
+CostMatrix = Annotated[list[list[NonNegative]], ByClass(_cost_matrix, "a K x K list of rows C[true][pred]")]
+"""K x K costs C[true][pred] with a zero diagonal."""
+ClassNames = Annotated[Union[list[str], str], ByClass(_class_names, "a class name or a list of class names")]
 
 
 @dataclass
@@ -90,6 +175,66 @@ class ModelConfig:
 
 
 @dataclass
+class LossTerm:
+    """One term of the loss sum. Its own settings are the keyword arguments of its loss function
+    (`segtrain.losses.functional.TERMS[name]`), added as fields by `term_class(name)`."""
+
+    name: str
+    """A loss in segtrain.losses.functional.TERMS: cross_entropy, cost_sensitive, focal, jaccard, dice, tversky."""
+    weight: NonNegative = 1.0
+    """Factor of this term in the sum."""
+    use_class_weights: bool = True
+    """Multiply by loss.class_weights."""
+    ignore_false_negatives: ClassNames = field(default_factory=list)
+    """Classes whose misses are free in this term (besides loss.ignore_false_negatives)."""
+
+    def settings(self) -> dict:
+        """The term's own settings, as keyword arguments of its loss function."""
+        common = {f.name for f in dataclasses.fields(LossTerm)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in common}
+
+
+@dataclass
+class LossConfig:
+    """The loss: a weighted sum of terms, sharing class weights and classes whose misses are free.
+
+    YAML: `loss: {terms: [...], class_weights: ..., ...}`; one term may be written alone,
+    `loss: jaccard` or `loss: {name: tversky, alpha: 0.7, class_weights: balanced}`, and a bare
+    name in `terms` (`- jaccard`) is a term with its defaults.
+    """
+
+    terms: list[LossTerm] = field(default_factory=lambda: [term_class("cross_entropy")()])
+    """Terms `{name: <loss>, weight: 1.0, <its settings>}`; at most one cost_sensitive (the decision's costs)."""
+    class_weights: Union[str, PerClass, None] = "none"
+    """none | a strategy computed over the training set (segtrain.class_weights.STRATEGIES) | [w0, ...] |
+    {class: w}; scaled so that the loss keeps its unweighted scale."""
+    max_weight: Optional[Annotated[float, Bound(">=", 1.0)]] = None
+    """Cap on the scaled class weights (>= 1, since they average 1)."""
+    ignore_false_negatives: ClassNames = field(default_factory=list)
+    """Classes whose misses are free in every term, while predicting them where they are not still costs."""
+
+    def free_misses(self, term: LossTerm, classes: list[str]) -> list[int]:
+        """Class indices whose misses are free in `term`: the section's ignore_false_negatives and the term's."""
+        names = [*self.ignore_false_negatives, *term.ignore_false_negatives]
+        return sorted({list(classes).index(name) for name in names})
+
+
+@functools.cache
+def term_class(name: str) -> type:
+    """The dataclass of loss term `name`: LossTerm's fields, then its loss function's settings.
+
+    A setting's name, type (its annotation) and default are those of the function's keyword
+    argument (`segtrain.losses.functional.term_settings`); its meaning is in the function's docstring.
+    """
+    from segtrain.losses.functional import TERMS, term_settings
+
+    fields = [("name", str, field(default=name))]
+    for p in term_settings(TERMS[name]):
+        fields.append((p.name, Any if p.annotation is p.empty else p.annotation, field(default=p.default)))
+    return dataclasses.make_dataclass(name.title().replace("_", "") + "Term", fields, bases=(LossTerm,))
+
+
+@dataclass
 class TrainConfig:
     """The training loop."""
 
@@ -140,12 +285,12 @@ class PredictConfig:
     """Average over flips at test time."""
     batch_size: int = 4
     """Tiles per forward pass."""
-    fp_cost: Any = None
+    fp_cost: Optional[PerClass] = None
     """Costs for decision=cost, per class (list or {class: cost}); see the `cost_sensitive` loss term."""
-    fn_cost: Any = None
-    cost_matrix: Any = None
+    fn_cost: Optional[PerClass] = None
+    cost_matrix: Optional[CostMatrix] = None
     """Full K x K decision cost matrix C[true][pred]; overrides fp_cost/fn_cost. Without any of the three,
-    decision=cost uses the cost_sensitive loss term's matrix."""
+    decision=cost uses the cost_sensitive loss term's matrix (segtrain.decision.decision_cost_matrix)."""
 
 
 @dataclass
@@ -154,8 +299,7 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: Any = None
-    """The loss section; validated and normalised by segtrain.losses.normalize_loss_config."""
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
@@ -282,36 +426,26 @@ def _steps_text(steps: list) -> str:
 
 def config_from_dict(raw: dict) -> Config:
     """Validate a raw mapping against the schema; raise ConfigError naming the dotted key."""
-    config = _build_dataclass(Config, raw, "")
+    classes = _build_dataclass(DataConfig, raw.get("data"), "data").classes  # for the settings about classes
+    _check_classes(classes)
+    config = _build_dataclass(Config, raw, "", classes)
     _check_semantics(config)
-    from segtrain.losses import normalize_loss_config
-
-    config.loss = normalize_loss_config(config.loss, config.data.classes)
-    _check_predict(config)
     return config
 
 
-def decision_cost_matrix(config: Config):
-    """The K x K matrix for decision=cost: predict's own costs, else the cost_sensitive loss term's, else None."""
-    import numpy as np
-
-    from segtrain.losses.config import _cost_matrix, _per_class, cost_matrix_from_config, shorthand_cost_matrix
-
-    predict, classes = config.predict, config.data.classes
-    if predict.cost_matrix is not None:
-        return np.asarray(_cost_matrix(predict.cost_matrix, "predict.cost_matrix", classes), float)
-    if predict.fp_cost is not None or predict.fn_cost is not None:
-        fp = None if predict.fp_cost is None else _per_class(predict.fp_cost, "predict.fp_cost", classes)
-        fn = None if predict.fn_cost is None else _per_class(predict.fn_cost, "predict.fn_cost", classes)
-        return shorthand_cost_matrix(fp, fn, len(classes))
-    return cost_matrix_from_config(config.loss, classes)
+def loss_config(section: Any, class_names: list[str]) -> LossConfig:
+    """A LossConfig as it is, or a raw `loss` section (a name or a mapping, as in YAML) validated now."""
+    if isinstance(section, LossConfig):
+        return section
+    return _build_loss(section, "loss", list(class_names))
 
 
-def _check_predict(config: Config) -> None:
-    """Decision settings are checked now, not after training."""
+def check_predict(config: Config) -> None:
+    """Decision settings that depend on other sections: checked on loading, and by eval and predict again after
+    their command-line overrides."""
     predict = config.predict
-    matrix = decision_cost_matrix(config)
-    if predict.decision == "cost" and matrix is None:
+    own_costs = any(costs is not None for costs in (predict.fp_cost, predict.fn_cost, predict.cost_matrix))
+    if predict.decision == "cost" and not own_costs and not any(t.name == "cost_sensitive" for t in config.loss.terms):
         raise ConfigError(
             "predict.decision: 'cost' needs costs: set predict.fp_cost / predict.fn_cost (or predict.cost_matrix) "
             "in the config (for eval and predict: in the run's config.yaml), or add a cost_sensitive loss term."
@@ -333,22 +467,32 @@ def save_config(config: Config, path: Path) -> None:
 # ---------------------------------------------------------------------------- type checking
 
 
-def _build_dataclass(cls, raw: Any, path: str):
+def _build_dataclass(cls, raw: Any, path: str, classes: Optional[list] = None, owner: str = ""):
+    """An instance of dataclass `cls` from a mapping; `classes` (data.classes) checks the settings about classes."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
-            raise ConfigError(f"{dotted}: unknown key.{hint}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
+            raise ConfigError(f"{dotted}: unknown key{owner}.{_did_you_mean(key, names, 'Valid keys')}")
+        kwargs[key] = _coerce(value, hints[key], dotted, classes)
     return cls(**kwargs)
+
+
+def _did_you_mean(word: Any, choices, listing: Optional[str] = None) -> str:
+    """The hint ` Did you mean 'x'?` for the closest choice (or one that begins `word`, or that `word` begins),
+    else ` {listing}: a, b.` (nothing without a listing)."""
+    word, choices = str(word), [str(c) for c in choices]
+    close = difflib.get_close_matches(word, choices, n=1)
+    close = close or [c for c in choices if word and (c.startswith(word) or word.startswith(c))]
+    if close:
+        return f" Did you mean '{close[0]}'?"
+    return f" {listing}: {', '.join(choices)}." if listing else ""
 
 
 _EXPONENT_FORM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -370,8 +514,17 @@ def parse_number(value: Any) -> Optional[float]:
 
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        return next((e.description for e in extras if isinstance(e, ByClass)), None) or _type_name(base)
     if tp is Any:
         return "any value"
+    if tp is float:
+        return "a number"
+    if tp is bool:
+        return "true or false"
+    if tp is LossTerm:
+        return "a loss name or a mapping with 'name'"
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
@@ -386,44 +539,67 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp, path: str):
+def _kind_matches(value: Any, tp) -> bool:
+    """Whether `tp` takes values of `value`'s kind (mapping, list, text, number, true/false, null), contents aside."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _kind_matches(value, typing.get_args(tp)[0])
+    if origin in (Union, types.UnionType):
+        return any(_kind_matches(value, a) for a in typing.get_args(tp))
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, (list, tuple))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return parse_number(value) is not None
+    return isinstance(value, str)
+
+
+def _coerce(value: Any, tp, path: str, classes: Optional[list] = None):
+    """`value` checked against type `tp` (and its bounds, and data.classes when given), in its stored form."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if tp is LossConfig:
+        return _build_loss(value, path, classes)
+    if tp is LossTerm:
+        return _build_term(value, path, classes)
     if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, path)
+        return _build_dataclass(tp, value, path, classes)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _coerce(value, base, path, classes)
+        for extra in extras:
+            if isinstance(extra, Bound):
+                extra.check(value, path)
+            elif isinstance(extra, ByClass) and classes is not None:
+                value = extra.resolve(value, path, classes)
+        return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:  # Optional[X]: let X's own message (with the inner key) through
-            return _coerce(value, members[0], path)
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}.")
+        return _coerce_union(value, tp, path, classes)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value in allowed:
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, allowed))}.{hint}")
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, allowed))}.{_did_you_mean(value, allowed)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}.")
         (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{path}[{i}]", classes) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}.")
         key_tp, val_tp = typing.get_args(tp)
-        return {_coerce(k, key_tp, f"{path}.{k}"): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+        return {_coerce(k, key_tp, f"{path}.{k}"): _coerce(v, val_tp, f"{path}.{k}", classes) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -440,62 +616,122 @@ def _coerce(value: Any, tp, path: str):
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}.")
 
 
+def _coerce_union(value: Any, tp, path: str, classes: Optional[list]):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    members = [a for a in args if a is not type(None)]
+    if len(members) > 1:  # those that take the value's kind, so that a single one's own message comes through
+        members = [a for a in members if _kind_matches(value, a)] or members
+    if len(members) == 1:
+        return _coerce(value, members[0], path, classes)
+    for arg in members:
+        try:
+            return _coerce(value, arg, path, classes)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}.")
+
+
+# ---------------------------------------------------------------------------- the loss section
+
+_LOSS_SECTION_KEYS = ("class_weights", "max_weight", "ignore_false_negatives")
+
+
+def _build_loss(raw: Any, path: str, classes: Optional[list]) -> LossConfig:
+    """The loss section, from its long form or from one term written alone (whose keys then sit at `path`)."""
+    if isinstance(raw, str) or isinstance(raw, dict) and "name" in raw and "terms" not in raw:
+        one = {"name": raw} if isinstance(raw, str) else raw
+        section = {k: v for k, v in one.items() if k in _LOSS_SECTION_KEYS}
+        term = _build_term({k: v for k, v in one.items() if k not in section}, path, classes)
+        loss, paths = _build_dataclass(LossConfig, section, path, classes), [path]
+        loss.terms = [term]
+    elif raw is None or isinstance(raw, dict):
+        loss = _build_dataclass(LossConfig, raw, path, classes)
+        paths = [f"{path}.terms[{i}]" for i in range(len(loss.terms))]
+    else:
+        raise ConfigError(f"{path}: expected a loss name (e.g. jaccard) or a mapping with 'terms', got {raw!r}.")
+    _check_loss(loss, paths)
+    return loss
+
+
+def _build_term(raw: Any, path: str, classes: Optional[list]) -> LossTerm:
+    from segtrain.losses.functional import TERMS
+
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a loss name or a mapping with 'name', got {raw!r}.")
+    name = raw.get("name")
+    if name is None:
+        raise ConfigError(f"{path}.name: missing; choose from {', '.join(TERMS)}.")
+    if name not in list(TERMS):
+        where = path if path == "loss" and set(raw) == {"name"} else f"{path}.name"
+        raise ConfigError(f"{where}: unknown loss {name!r}.{_did_you_mean(name, TERMS, 'Choose from')}")
+    return _build_dataclass(term_class(name), raw, path, classes, owner=f" for {name}")
+
+
+def _check_loss(loss: LossConfig, paths: list[str]) -> None:
+    """Checks across the terms, and of the settings that bind terms to decisions (costs) and to the data (weights)."""
+    if not loss.terms:
+        raise ConfigError("loss.terms: expected a non-empty list, e.g. [{name: cross_entropy, weight: 1.0}].")
+    if sum(term.weight for term in loss.terms) <= 0:
+        raise ConfigError(f"{paths[0]}.weight: at least one loss term needs a weight > 0.")
+    cost_paths = [path for term, path in zip(loss.terms, paths) if term.name == "cost_sensitive"]
+    if len(cost_paths) > 1:
+        raise ConfigError(f"{cost_paths[1]}: only one cost_sensitive term is allowed (its costs are the decision's).")
+    for term, path in zip(loss.terms, paths):
+        if term.name == "cost_sensitive" and term.cost_matrix is not None and (term.fp_cost, term.fn_cost) != (None, None):
+            raise ConfigError(f"{path}.cost_matrix: give either cost_matrix or fp_cost/fn_cost, not both.")
+        if term.name == "tversky" and term.alpha + term.beta == 0 and term.smooth == 0:
+            raise ConfigError(f"{path}.alpha: alpha, beta and smooth cannot all be 0.")
+    if loss.class_weights is None:
+        loss.class_weights = "none"
+    if isinstance(loss.class_weights, str) and loss.class_weights not in STRATEGIES:
+        raise ConfigError(f"loss.class_weights: unknown strategy {loss.class_weights!r}."
+                          f"{_did_you_mean(loss.class_weights, STRATEGIES, 'Choose from')} "
+                          "Or give the weights: a list, or a mapping class -> weight.")
+
+
 # ---------------------------------------------------------------------------- semantic checks
 
 
 def _check_semantics(config: Config) -> None:
-    data, model, train = config.data, config.model, config.train
-    if len(data.classes) < 2:
+    """Checks within and across sections that types cannot express (ConfigError naming the key)."""
+    _check_mask(config.data.mask, config.data.classes)
+    _check_model(config.model)
+    _check_data(config.data, 2**config.model.depth)
+    _check_train(config)
+    _check_predict_values(config.predict, 2**config.model.depth)
+    check_predict(config)
+
+
+def _check_classes(classes: list[str]) -> None:
+    if len(classes) < 2:
         raise ConfigError("data.classes: name at least two classes, e.g. [background, road].")
-    if len(set(data.classes)) != len(data.classes):
+    if len(set(classes)) != len(classes):
         raise ConfigError("data.classes: class names must be unique.")
-    for i, name in enumerate(data.classes):
+    for i, name in enumerate(classes):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ConfigError(
                 f"data.classes[{i}]: {name!r} is not a valid class name; use letters, digits, '_', '.' or '-' "
                 "(names appear in file names and CSV columns)."
             )
-    mask = data.mask
+
+
+def _check_mask(mask: MaskConfig, classes: list[str]) -> None:
     chosen = [name for name in ("values", "threshold", "palette") if getattr(mask, name) is not None]
     if len(chosen) > 1:
         raise ConfigError(f"data.mask: set only one of values, threshold, palette (got {', '.join(chosen)}).")
     if mask.threshold is not None:
-        if len(data.classes) != 2:
+        if len(classes) != 2:
             raise ConfigError("data.mask.threshold: a threshold makes two classes; data.classes must name exactly two.")
         if not 0 <= mask.threshold < 255:
             raise ConfigError(f"data.mask.threshold: {mask.threshold} is outside 0..254; masks hold values 0..255.")
     if mask.values is not None:
-        for raw_value, cls in mask.values.items():
-            if not 0 <= raw_value <= 255:
-                raise ConfigError(f"data.mask.values.{raw_value}: raw mask values are 0..255 in 8-bit masks.")
-            if not 0 <= cls < len(data.classes):
-                raise ConfigError(
-                    f"data.mask.values.{raw_value}: class index {cls} is out of range; "
-                    f"use 0..{len(data.classes) - 1} (data.classes has {len(data.classes)} names)."
-                )
-            if raw_value in mask.ignore:
-                raise ConfigError(f"data.mask.values.{raw_value}: this value is also in data.mask.ignore; keep one.")
-        unreachable = [name for i, name in enumerate(data.classes) if i not in mask.values.values()]
-        if unreachable:
-            raise ConfigError(
-                f"data.mask.values: no raw value maps to class(es) {', '.join(unreachable)}; "
-                "map a value to each class in data.classes."
-            )
+        _check_mask_values(mask, classes)
     if mask.palette is not None:
-        for name, colour in mask.palette.items():
-            if name not in data.classes:
-                raise ConfigError(f"data.mask.palette.{name}: not a class name; use one of {', '.join(data.classes)}.")
-            if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
-                raise ConfigError(f"data.mask.palette.{name}: expected [r, g, b] with values 0..255, got {colour}.")
-        missing = [c for c in data.classes if c not in mask.palette]
-        if missing:
-            raise ConfigError(f"data.mask.palette: no colour for class(es) {', '.join(missing)}.")
-        colours = [tuple(c) for c in mask.palette.values()]
-        for name, colour in mask.palette.items():
-            if colours.count(tuple(colour)) > 1:
-                raise ConfigError(f"data.mask.palette.{name}: colour {colour} is used by another class too.")
-            if list(colour) in mask.ignore:
-                raise ConfigError(f"data.mask.palette.{name}: colour {colour} is also in data.mask.ignore.")
+        _check_palette(mask, classes)
     for i, value in enumerate(mask.ignore):
         ok = isinstance(value, int) and not isinstance(value, bool) or (
             isinstance(value, list) and len(value) == 3 and all(isinstance(c, int) for c in value)
@@ -507,13 +743,55 @@ def _check_semantics(config: Config) -> None:
             raise ConfigError(
                 f"data.mask.ignore[{i}]: expected a raw mask value 0..255 or an [r, g, b] colour, got {value!r}."
             )
-    divisor = 2**model.depth
+
+
+def _check_mask_values(mask: MaskConfig, classes: list[str]) -> None:
+    for raw_value, cls in mask.values.items():
+        if not 0 <= raw_value <= 255:
+            raise ConfigError(f"data.mask.values.{raw_value}: raw mask values are 0..255 in 8-bit masks.")
+        if not 0 <= cls < len(classes):
+            raise ConfigError(
+                f"data.mask.values.{raw_value}: class index {cls} is out of range; "
+                f"use 0..{len(classes) - 1} (data.classes has {len(classes)} names)."
+            )
+        if raw_value in mask.ignore:
+            raise ConfigError(f"data.mask.values.{raw_value}: this value is also in data.mask.ignore; keep one.")
+    unreachable = [name for i, name in enumerate(classes) if i not in mask.values.values()]
+    if unreachable:
+        raise ConfigError(
+            f"data.mask.values: no raw value maps to class(es) {', '.join(unreachable)}; "
+            "map a value to each class in data.classes."
+        )
+
+
+def _check_palette(mask: MaskConfig, classes: list[str]) -> None:
+    for name, colour in mask.palette.items():
+        if name not in classes:
+            raise ConfigError(f"data.mask.palette.{name}: not a class name; use one of {', '.join(classes)}.")
+        if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+            raise ConfigError(f"data.mask.palette.{name}: expected [r, g, b] with values 0..255, got {colour}.")
+    missing = [c for c in classes if c not in mask.palette]
+    if missing:
+        raise ConfigError(f"data.mask.palette: no colour for class(es) {', '.join(missing)}.")
+    colours = [tuple(c) for c in mask.palette.values()]
+    for name, colour in mask.palette.items():
+        if colours.count(tuple(colour)) > 1:
+            raise ConfigError(f"data.mask.palette.{name}: colour {colour} is used by another class too.")
+        if list(colour) in mask.ignore:
+            raise ConfigError(f"data.mask.palette.{name}: colour {colour} is also in data.mask.ignore.")
+
+
+def _check_model(model: ModelConfig) -> None:
     if model.depth < 1 or model.depth > 7:
         raise ConfigError(f"model.depth: {model.depth} is out of range; use 1..7 (4 is usual).")
     if model.base_filters < 1:
         raise ConfigError("model.base_filters: must be a positive integer, e.g. 16.")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError("model.dropout: must be in [0, 1).")
+
+
+def _check_data(data: DataConfig, divisor: int) -> None:
+    """The data section's sizes; `divisor` = 2**model.depth."""
     if data.crop is not None and (data.crop <= 0 or data.crop % divisor):
         raise ConfigError(
             f"data.crop: {data.crop} is not a positive multiple of 2**model.depth = {divisor}; "
@@ -527,6 +805,23 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("data.shuffle_buffer: must be at least 1.")
     if data.max_image_pixels < 1:
         raise ConfigError("data.max_image_pixels: must be positive, e.g. 100000000.")
+
+
+def _check_predict_values(predict: PredictConfig, divisor: int) -> None:
+    """The predict section's own ranges; `divisor` = 2**model.depth (see check_predict for the rest)."""
+    if predict.threshold is not None and not 0.0 < predict.threshold < 1.0:
+        raise ConfigError("predict.threshold: must be between 0 and 1.")
+    if not 0.0 <= predict.overlap < 1.0:
+        raise ConfigError("predict.overlap: must be in [0, 1).")
+    if predict.batch_size < 1:
+        raise ConfigError("predict.batch_size: must be at least 1.")
+    if predict.tile_size is not None and (predict.tile_size <= 0 or predict.tile_size % divisor):
+        raise ConfigError(f"predict.tile_size: must be a positive multiple of 2**model.depth = {divisor}.")
+
+
+def _check_train(config: Config) -> None:
+    """Checks of the train section (ConfigError naming the key)."""
+    train = config.train
     if train.epochs < 1:
         raise ConfigError("train.epochs: must be at least 1.")
     if train.steps_per_epoch is not None and train.steps_per_epoch < 1:
@@ -539,21 +834,6 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError(f"train.seed: {train.seed} is out of range; use 0 .. 2**31 - 1.")
     if train.validate_every < 1:
         raise ConfigError("train.validate_every: must be at least 1.")
-    predict = config.predict
-    if predict.threshold is not None and not 0.0 < predict.threshold < 1.0:
-        raise ConfigError("predict.threshold: must be between 0 and 1.")
-    if not 0.0 <= predict.overlap < 1.0:
-        raise ConfigError("predict.overlap: must be in [0, 1).")
-    if predict.batch_size < 1:
-        raise ConfigError("predict.batch_size: must be at least 1.")
-    if predict.tile_size is not None and (predict.tile_size <= 0 or predict.tile_size % divisor):
-        raise ConfigError(f"predict.tile_size: must be a positive multiple of 2**model.depth = {divisor}.")
-    _check_train(config)
-
-
-def _check_train(config: Config) -> None:
-    """Checks of the train section (ConfigError naming the key)."""
-    train = config.train
     if train.schedule == "plateau":
         if not 0.0 < train.plateau_factor < 1.0:
             raise ConfigError(f"train.plateau_factor: must be between 0 and 1 (e.g. 0.5), got {train.plateau_factor}.")
@@ -576,10 +856,8 @@ def _check_train(config: Config) -> None:
         raise ConfigError("train.checkpoint_every_steps: must be at least 1 (or null for epoch ends only).")
     columns = monitor_columns(config.data.classes)
     if train.monitor not in columns:
-        close = difflib.get_close_matches(train.monitor, columns, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"train.monitor: {train.monitor!r} is not a history column.{hint} "
+            f"train.monitor: {train.monitor!r} is not a history column.{_did_you_mean(train.monitor, columns)} "
             f"Use one of {', '.join(columns)}."
         )
 

@@ -22,6 +22,9 @@ foreground: the rule is on the probability.)
 
 `probs` is (..., K); a last axis of size 1 is read as the foreground probability of a
 binary (sigmoid) model, i.e. K = 2.
+
+Costs: `decision_cost_matrix(config)` is the matrix of rule "cost": predict's own costs, else
+the cost_sensitive loss term's (`loss_cost_matrix`), the same matrix that term trains with.
 """
 
 import numpy as np
@@ -29,6 +32,55 @@ import numpy as np
 from segtrain.errors import ConfigError
 
 RULES = ("argmax", "cost", "threshold")
+
+
+def shorthand_cost_matrix(fp_cost=None, fn_cost=None, num_classes=None):
+    """The cost matrix of the `fp_cost` / `fn_cost` shorthand.
+
+    Formula:
+    ```
+    C[t][p] = fn_cost[t] * fp_cost[p]   for p != t,     C[t][t] = 0
+    ```
+    fn_cost[c] is the price of missing c (a pixel of c predicted as anything else),
+    fp_cost[c] the price of predicting c where it is not; unspecified costs are 1, so no
+    costs at all give `1 - I`. For two classes set the foreground's costs:
+    `C = [[0, fp_cost[fg]], [fn_cost[fg], 0]]`, i.e. fn_cost[fg] weighs positives and
+    fp_cost[fg] negatives (background costs, if also given, multiply in).
+    """
+    k = num_classes or len(fp_cost if fp_cost is not None else fn_cost)
+    fp = np.ones(k) if fp_cost is None else np.asarray(fp_cost, float)
+    fn = np.ones(k) if fn_cost is None else np.asarray(fn_cost, float)
+    return np.outer(fn, fp) * (1.0 - np.eye(k))
+
+
+def cost_matrix_from(num_classes, cost_matrix=None, fp_cost=None, fn_cost=None, free_misses=()):
+    """K x K costs `C[true][pred]`: `cost_matrix` if given, else the fp_cost / fn_cost shorthand.
+
+    The rows of the classes in `free_misses` (ignore_false_negatives) are zero: missing them costs nothing.
+    """
+    if cost_matrix is None:
+        matrix = shorthand_cost_matrix(fp_cost, fn_cost, num_classes)
+    else:
+        matrix = np.array(cost_matrix, float)
+    matrix[[int(c) for c in free_misses], :] = 0.0
+    return matrix
+
+
+def loss_cost_matrix(loss, class_names):
+    """The cost_sensitive term's K x K matrix of a `LossConfig` (free misses zeroed, as in training), or None."""
+    for term in loss.terms:
+        if term.name == "cost_sensitive":
+            free = loss.free_misses(term, class_names)
+            return cost_matrix_from(len(class_names), term.cost_matrix, term.fp_cost, term.fn_cost, free)
+    return None
+
+
+def decision_cost_matrix(config):
+    """The K x K matrix for decision=cost: predict's own costs, else the cost_sensitive loss term's, else None."""
+    predict, classes = config.predict, config.data.classes
+    if any(costs is not None for costs in (predict.cost_matrix, predict.fp_cost, predict.fn_cost)):
+        return cost_matrix_from(len(classes), predict.cost_matrix, predict.fp_cost, predict.fn_cost)
+    return loss_cost_matrix(config.loss, classes)
 
 
 def _check(rule, k, threshold, cost_matrix):

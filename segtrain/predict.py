@@ -38,7 +38,8 @@ class Predictor:
 
     def __init__(self, model, config: Config, decision: Optional[str] = None, threshold: Optional[float] = None,
                  tta: Optional[bool] = None, log=click.echo):
-        from segtrain.config import _check_predict, decision_cost_matrix
+        from segtrain.config import check_predict
+        from segtrain.decision import decision_cost_matrix
 
         self.model = model
         self.channels = int(model.input_shape[-1])
@@ -49,7 +50,7 @@ class Predictor:
             tta=config.predict.tta if tta is None else tta,
         )
         self.config = dataclasses.replace(config, predict=predict)
-        _check_predict(self.config)  # command-line overrides get the config's checks
+        check_predict(self.config)  # command-line overrides get the config's checks
         self.decision, self.threshold, self.tta = predict.decision, predict.threshold, predict.tta
         self.cost_matrix = decision_cost_matrix(self.config)
         own_costs = any(v is not None for v in (predict.fp_cost, predict.fn_cost, predict.cost_matrix))

@@ -67,8 +67,8 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> Prepare
         counter.counts[:] = cached_stats["counts"]
         counter.image_pixels[:] = cached_stats["image_pixels"]
         counter.num_images = cached_stats["num_images"]
-    strategy = config.loss["class_weights"]
-    stats = class_stats_dict(counter, data.classes, strategy, config.loss["max_weight"])
+    strategy = config.loss.class_weights
+    stats = class_stats_dict(counter, data.classes, strategy, config.loss.max_weight)
     weights = None if strategy == "none" else np.asarray(stats["class_weights"], dtype=np.float32)
     return PreparedData(train_pairs, val_pairs, mapping, channels, stats, weights)
 

@@ -17,7 +17,7 @@ def test_defaults_fill_every_section(tmp_path):
     config = load_config(write(tmp_path, f"data: {{root: {tmp_path}}}\n"))
     assert isinstance(config, Config)
     assert config.model.depth == 4 and config.data.batch_size == 8 and config.train.precision == "auto"
-    assert config.loss["terms"][0]["name"] == "cross_entropy"
+    assert config.loss.terms[0].name == "cross_entropy"
 
 
 def test_unknown_key_names_path_and_closest(tmp_path):
@@ -60,7 +60,7 @@ def test_set_overrides_are_typed(tmp_path):
                                 "loss.class_weights=balanced"])
     assert config.train.epochs == 2 and config.train.learning_rate == pytest.approx(1e-4)
     assert config.data.crop is None
-    assert config.loss["class_weights"] == "balanced"
+    assert config.loss.class_weights == "balanced"
 
 
 def test_set_on_short_form_loss(tmp_path):
@@ -148,7 +148,7 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 
 
 def test_decision_costs_from_predict_section_or_loss_term(tmp_path):
-    from segtrain.config import decision_cost_matrix
+    from segtrain.decision import decision_cost_matrix
 
     own = config_from_dict({"data": {"root": "x", "classes": ["bg", "road"]},
                             "predict": {"decision": "cost", "fp_cost": {"road": 1}, "fn_cost": {"road": 4}}})
@@ -176,7 +176,7 @@ def test_set_reaches_list_items():
     apply_override(raw, "loss.terms[0].label_smoothing=0.1")
     assert raw["loss"]["terms"] == [{"name": "cross_entropy", "label_smoothing": 0.1}, {"name": "jaccard", "weight": 0.2}]
     config = config_from_dict({"data": {"root": "x"}, **raw})
-    assert config.loss["terms"][1]["weight"] == 0.2 and config.loss["terms"][0]["label_smoothing"] == 0.1
+    assert config.loss.terms[1].weight == 0.2 and config.loss.terms[0].label_smoothing == 0.1
 
 
 @pytest.mark.parametrize("item, message", [
@@ -203,8 +203,8 @@ train: {learning_rate: 3E-4}
 predict: {threshold: 5e-1, decision: threshold}
 """)
     config = load_config(path)
-    assert config.loss["max_weight"] == 10.0 and config.loss["terms"][0]["weight"] == 2.0
-    assert config.loss["terms"][1]["smooth"] == 1e-5
+    assert config.loss.max_weight == 10.0 and config.loss.terms[0].weight == 2.0
+    assert config.loss.terms[1].smooth == 1e-5
     assert config.train.learning_rate == 3e-4 and config.predict.threshold == 0.5
 
 

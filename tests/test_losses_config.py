@@ -1,5 +1,6 @@
 """The `loss` config section: normalisation, validation messages, building, cost matrix."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -7,6 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from segtrain.config import loss_config  # noqa: E402
+from segtrain.decision import loss_cost_matrix  # noqa: E402
 from segtrain.errors import ConfigError  # noqa: E402
 from segtrain.losses import (  # noqa: E402
     CombinedLoss,
@@ -15,33 +18,35 @@ from segtrain.losses import (  # noqa: E402
     JaccardLoss,
     TverskyLoss,
     build_loss,
-    cost_matrix_from_config,
-    normalize_loss_config,
 )
 
 BINARY = ["background", "road"]
 THREE = ["background", "road", "car"]
 
 
+def cost_matrix_from_config(section, classes):
+    return loss_cost_matrix(loss_config(section, classes), classes)
+
+
 def test_missing_section_defaults_to_cross_entropy():
-    cfg = normalize_loss_config(None, BINARY)
-    assert [t["name"] for t in cfg["terms"]] == ["cross_entropy"]
-    assert cfg["terms"][0]["weight"] == 1.0
-    assert cfg["class_weights"] == "none" and cfg["max_weight"] is None
-    assert cfg["ignore_false_negatives"] == []
+    cfg = loss_config(None, BINARY)
+    assert [t.name for t in cfg.terms] == ["cross_entropy"]
+    assert cfg.terms[0].weight == 1.0
+    assert cfg.class_weights == "none" and cfg.max_weight is None
+    assert cfg.ignore_false_negatives == []
 
 
 def test_short_forms():
-    assert normalize_loss_config("jaccard", BINARY)["terms"][0]["name"] == "jaccard"
-    single = normalize_loss_config({"name": "tversky", "alpha": 0.7, "class_weights": "balanced"}, BINARY)
-    assert single["terms"][0]["alpha"] == 0.7 and single["class_weights"] == "balanced"
-    listed = normalize_loss_config({"terms": ["dice", {"name": "focal", "gamma": 1}]}, BINARY)
-    assert [t["name"] for t in listed["terms"]] == ["dice", "focal"]
-    assert listed["terms"][1]["gamma"] == 1.0
+    assert loss_config("jaccard", BINARY).terms[0].name == "jaccard"
+    single = loss_config({"name": "tversky", "alpha": 0.7, "class_weights": "balanced"}, BINARY)
+    assert single.terms[0].alpha == 0.7 and single.class_weights == "balanced"
+    listed = loss_config({"terms": ["dice", {"name": "focal", "gamma": 1}]}, BINARY)
+    assert [t.name for t in listed.terms] == ["dice", "focal"]
+    assert listed.terms[1].gamma == 1.0
 
 
 def test_full_section_is_normalised_with_defaults_and_lists():
-    cfg = normalize_loss_config(
+    cfg = loss_config(
         {
             "terms": [
                 {"name": "cross_entropy", "weight": 1.0},
@@ -54,27 +59,27 @@ def test_full_section_is_normalised_with_defaults_and_lists():
         },
         THREE,
     )
-    cost, tversky = cfg["terms"][1], cfg["terms"][2]
-    assert cost["fn_cost"] == [1.0, 10.0, 1.0] and cost["fp_cost"] is None
-    assert tversky == {
+    cost, tversky = cfg.terms[1], cfg.terms[2]
+    assert cost.fn_cost == [1.0, 10.0, 1.0] and cost.fp_cost is None
+    assert dataclasses.asdict(tversky) == {
         "name": "tversky", "weight": 0.5, "use_class_weights": True, "ignore_false_negatives": [],
         "alpha": 0.7, "beta": 0.3, "gamma": 1.0, "smooth": 1.0, "per_image": False,
         "include_background": False,
     }
-    assert cfg["class_weights"] == [1.0, 1.0, 3.0]
-    assert cfg["max_weight"] == 20.0 and cfg["ignore_false_negatives"] == ["car"]
-    assert normalize_loss_config(cfg, THREE) == cfg  # idempotent
+    assert cfg.class_weights == [1.0, 1.0, 3.0]
+    assert cfg.max_weight == 20.0 and cfg.ignore_false_negatives == ["car"]
+    assert loss_config(dataclasses.asdict(cfg), THREE) == cfg  # idempotent
 
 
 @pytest.mark.parametrize(
     "section, message",
     [
         ({"terms": [{"name": "cross_entropy"}, {"name": "tversky", "alpah": 0.7}]},
-         "loss.terms[1].alpah: unknown key for tversky; did you mean 'alpha'?"),
-        ("jacard", "loss: unknown loss 'jacard'; did you mean 'jaccard'?"),
-        ({"terms": [{"name": "dise"}]}, "loss.terms[0].name: unknown loss 'dise'; did you mean 'dice'?"),
+         "loss.terms[1].alpah: unknown key for tversky. Did you mean 'alpha'?"),
+        ("jacard", "loss: unknown loss 'jacard'. Did you mean 'jaccard'?"),
+        ({"terms": [{"name": "dise"}]}, "loss.terms[0].name: unknown loss 'dise'. Did you mean 'dice'?"),
         ({"terms": [{"weight": 1}]}, "loss.terms[0].name: missing"),
-        ({"term": ["dice"]}, "loss.term: unknown key; did you mean 'terms'?"),
+        ({"term": ["dice"]}, "loss.term: unknown key. Did you mean 'terms'?"),
         ({"terms": []}, "loss.terms: expected a non-empty list"),
         ({"terms": [{"name": "dice", "weight": -1}]}, "loss.terms[0].weight: must be >= 0"),
         ({"terms": [{"name": "dice", "weight": "1"}]}, "loss.terms[0].weight: expected a number"),
@@ -97,25 +102,25 @@ def test_full_section_is_normalised_with_defaults_and_lists():
         ({"terms": ["cost_sensitive", "cost_sensitive"]}, "loss.terms[1]: only one cost_sensitive"),
         ({"terms": [{"name": "jaccard", "ignore_false_negatives": ["cat"]}]},
          "loss.terms[0].ignore_false_negatives[0]: unknown class 'cat'"),
-        ({"class_weights": "median"}, "loss.class_weights: unknown strategy 'median'; did you mean 'median_frequency'?"),
+        ({"class_weights": "median"}, "loss.class_weights: unknown strategy 'median'. Did you mean 'median_frequency'?"),
         ({"class_weights": [1, 2, 3]}, "loss.class_weights: expected 2 values"),
         ({"class_weights": {"road": -1}}, "loss.class_weights.road: must be >= 0"),
         ({"max_weight": 0.5}, "loss.max_weight: must be >= 1.0"),
         ({"ignore_false_negatives": ["roads"]}, "loss.ignore_false_negatives[0]: unknown class 'roads'"),
-        ({"name": "tversky", "alpah": 1}, "loss.alpah: unknown key for tversky; did you mean 'alpha'?"),
+        ({"name": "tversky", "alpah": 1}, "loss.alpah: unknown key for tversky. Did you mean 'alpha'?"),
         (42, "loss: expected a loss name"),
     ],
 )
 def test_config_errors_name_the_dotted_key(section, message):
     with pytest.raises(ConfigError) as info:
-        normalize_loss_config(section, BINARY)
+        loss_config(section, BINARY)
     assert message in info.value.message
 
 
 def test_build_single_and_combined():
-    single = build_loss(normalize_loss_config("cross_entropy", BINARY), BINARY, None)
+    single = build_loss(loss_config("cross_entropy", BINARY), BINARY, None)
     assert isinstance(single, CrossEntropy) and single.class_weights is None
-    cfg = normalize_loss_config(
+    cfg = loss_config(
         {
             "terms": [
                 {"name": "cross_entropy"},
@@ -138,12 +143,12 @@ def test_build_single_and_combined():
 
 def test_build_rejects_weights_of_the_wrong_length():
     with pytest.raises(ConfigError, match="loss.class_weights"):
-        build_loss(normalize_loss_config(None, THREE), THREE, np.ones(2))
+        build_loss(loss_config(None, THREE), THREE, np.ones(2))
 
 
 def test_shorthand_fn_cost_weights_positives_in_binary():
     # fn_cost road 10: C = [[0, 1], [10, 0]]; logit 0: fg pixel 10 ln2, bg pixel ln2 => mean 5.5 ln2.
-    cfg = normalize_loss_config({"name": "cost_sensitive", "fn_cost": {"road": 10}}, BINARY)
+    cfg = loss_config({"name": "cost_sensitive", "fn_cost": {"road": 10}}, BINARY)
     np.testing.assert_array_equal(cost_matrix_from_config(cfg, BINARY), [[0, 1], [10, 0]])
     loss = build_loss(cfg, BINARY)
     assert isinstance(loss, CostSensitiveCrossEntropy)

@@ -1,10 +1,15 @@
-"""Keras `Loss` classes: thin wrappers that store settings and call `functional`.
+"""Keras `Loss` classes: thin wrappers that store a loss function's settings and reduce its values.
+
+As Keras's `LossFunctionWrapper`: `SegmentationLoss(term, **settings)` calls
+`functional.TERMS[term]` with the settings it stores (and returns from `get_config`); the named
+classes (`CrossEntropy`, `TverskyLoss`, ...) only fix `term`. `build_loss` makes the loss of a
+config's `loss` section.
 
 Reduction (Keras's default `sum_over_batch_size`), always over the *global* batch:
-- per-pixel losses (`CrossEntropy`, `CostSensitiveCrossEntropy`, `FocalLoss`) give
+- per-pixel losses (a function returning (B, H, W): cross-entropy, cost-sensitive, focal) give
   `sum over valid pixels of loss / number of valid pixels` (0 when no pixel is valid);
-- overlap losses give the pooled ratio of the batch's soft counts, or with `per_image`
-  the mean of the images' losses.
+- overlap losses (a function returning () or (B,)) give the pooled ratio of the batch's soft
+  counts, or with `per_image` the mean of the images' losses.
 Inside a tf.distribute step each replica returns its *share* of that global value (Keras's
 convention: the shares sum to it, and so do their gradients): the valid-pixel count,
 the image count and the pooled overlap counts are summed over the replicas first, so
@@ -22,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from segtrain.errors import ConfigError
 from segtrain.labels import IGNORE_INDEX
 from segtrain.losses import functional as F
 
@@ -37,18 +43,37 @@ def _floats(values):
     return None if values is None else [float(v) for v in np.asarray(values).ravel()]
 
 
+def _plain(value):
+    """A setting as plain Python, for get_config: arrays, tuples and lists become lists of floats."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return np.asarray(value, float).tolist()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@keras.saving.register_keras_serializable(package="segtrain")
 class SegmentationLoss(keras.losses.Loss):
-    """Base class: settings common to all segtrain losses.
+    """A loss function of `functional.TERMS` as a Keras loss, reduced over the global batch.
 
     Args:
+        term: the function's name in `functional.TERMS` (fixed by the named subclasses).
         class_weights: None or K non-negative weights (K = 2 for one output channel).
         ignore_false_negatives: class indices whose misses are free (see `functional`).
         from_logits: y_pred holds logits (default) or probabilities.
         ignore_index: label value of ignored pixels. Defaults to `IGNORE_INDEX` (-1).
+        **settings: the function's own keyword arguments (e.g. `alpha` of tversky), stored as
+            attributes; those not given take the function's defaults.
+
+    Example:
+    >>> loss = SegmentationLoss("tversky", alpha=0.7, beta=0.3)
+    >>> loss.alpha, loss.name
+    (0.7, 'tversky')
     """
+
+    term = None
 
     def __init__(
         self,
+        term=None,
         class_weights=None,
         ignore_false_negatives=None,
         from_logits=True,
@@ -56,41 +81,77 @@ class SegmentationLoss(keras.losses.Loss):
         name=None,
         reduction="sum_over_batch_size",
         dtype=None,
+        **settings,
     ):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.term = term or self.term
+        if self.term not in F.TERMS:
+            raise ValueError(f"unknown loss term {self.term!r}; choose from {', '.join(F.TERMS)}.")
+        super().__init__(name=name or self.term, reduction=reduction, dtype=dtype)
+        defaults = {p.name: p.default for p in F.term_settings(F.TERMS[self.term])}
+        unknown = sorted(set(settings) - set(defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown setting(s) {', '.join(unknown)}; "
+                            f"{self.term} takes {', '.join(defaults) or 'none'}.")
+        self.settings = {key: _plain(settings.get(key, default)) for key, default in defaults.items()}
+        for key, value in self.settings.items():
+            setattr(self, key, value)
         self.class_weights = _floats(class_weights)
         self.ignore_false_negatives = [int(c) for c in (ignore_false_negatives or [])]
         self.from_logits = bool(from_logits)
         self.ignore_index = int(ignore_index)
 
-    def _common(self):
-        return {
+    def get_config(self):
+        config = {
+            **super().get_config(),
             "class_weights": self.class_weights,
             "ignore_false_negatives": self.ignore_false_negatives,
             "from_logits": self.from_logits,
             "ignore_index": self.ignore_index,
+            **self.settings,
         }
+        if type(self).term is None:
+            config["term"] = self.term
+        return config
 
-    def _settings(self):
-        return {}
+    def values(self, y_true, y_pred):
+        """The function's unreduced losses: (B, H, W) per pixel, or per image (B,), the pooled () repeated."""
+        values = F.TERMS[self.term](
+            y_true, y_pred, **self.settings, class_weights=self.class_weights,
+            ignore_false_negatives=self.ignore_false_negatives, from_logits=self.from_logits,
+            ignore_index=self.ignore_index,
+        )
+        if values.shape.rank == 0:  # pooled over the batch: one value per image, so a reduction sees a batch
+            values = tf.fill(tf.shape(y_pred)[:1], values)
+        return values
 
-    def get_config(self):
-        return {**super().get_config(), **self._common(), **self._settings()}
+    def call(self, y_true, y_pred):
+        values = self.values(y_true, y_pred)
+        if values.shape.rank > 1:
+            _set_mask(values, F.valid_labels(y_true, y_pred, self.ignore_index)[1])
+        return values
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         if self.reduction != "sum_over_batch_size":
             return super().__call__(y_true, y_pred, sample_weight)
         with tf.name_scope(self.name):
             y_pred = tf.cast(tf.convert_to_tensor(y_pred), tf.float32)
-            return self.replica_share(y_true, y_pred, _broadcast_weight(sample_weight))
+            if sample_weight is not None:
+                sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), tf.float32)
+            return self.replica_share(y_true, y_pred, sample_weight)
 
     def replica_share(self, y_true, y_pred, sample_weight):
-        """This replica's share of the global-batch loss (see the module docstring)."""
-        raise NotImplementedError
+        """This replica's share of the global-batch loss (module docstring): the sum of its (weighted)
+        values / the valid pixels (per-pixel losses) or the images (overlap losses) of the global batch.
 
-
-def _broadcast_weight(sample_weight):
-    return None if sample_weight is None else tf.cast(tf.convert_to_tensor(sample_weight), tf.float32)
+        Pooled, every image carries the global-batch value (its counts are summed over the
+        replicas), so the shares add up to it.
+        """
+        values = _weighted(self.values(y_true, y_pred), sample_weight)
+        if values.shape.rank > 1:
+            count = tf.reduce_sum(tf.cast(F.valid_labels(y_true, y_pred, self.ignore_index)[1], tf.float32))
+        else:
+            count = tf.cast(tf.shape(y_pred)[0], tf.float32)
+        return tf.math.divide_no_nan(tf.reduce_sum(values), tf.stop_gradient(F.replica_sum(count)))
 
 
 def _weighted(values, sample_weight):
@@ -102,29 +163,9 @@ def _weighted(values, sample_weight):
     return values * sample_weight
 
 
-class PixelLoss(SegmentationLoss):
-    """A loss defined per pixel: `call` returns (B, H, W), masked to the valid pixels."""
-
-    def pixel_losses(self, y_true, y_pred):
-        raise NotImplementedError
-
-    def call(self, y_true, y_pred):
-        losses = self.pixel_losses(y_true, y_pred)
-        _, valid = F.valid_labels(y_true, y_pred, self.ignore_index)
-        _set_mask(losses, valid)
-        return losses
-
-    def replica_share(self, y_true, y_pred, sample_weight):
-        """sum of this replica's valid pixel losses / valid pixels of the global batch."""
-        losses = _weighted(self.pixel_losses(y_true, y_pred), sample_weight)
-        _, valid = F.valid_labels(y_true, y_pred, self.ignore_index)
-        count = F.replica_sum(tf.reduce_sum(tf.cast(valid, tf.float32)))
-        return tf.math.divide_no_nan(tf.reduce_sum(losses), tf.stop_gradient(count))
-
-
 @keras.saving.register_keras_serializable(package="segtrain")
-class CrossEntropy(PixelLoss):
-    """Class-weighted cross-entropy (BCE for one channel), mean over valid pixels.
+class CrossEntropy(SegmentationLoss):
+    """Class-weighted cross-entropy (BCE for one channel), mean over valid pixels (`functional.cross_entropy`).
 
     Formula:
     ```
@@ -133,85 +174,41 @@ class CrossEntropy(PixelLoss):
     (divided by the pixel count, not by the sum of weights: scale weights over the data set
     with `segtrain.class_weights` so the loss keeps its unweighted scale).
 
-    Args:
-        label_smoothing: float in [0, 1). Defaults to 0.
-        Other args: see `SegmentationLoss`.
-
     Example:
     >>> loss = CrossEntropy(class_weights=[1.0, 4.0])
     >>> float(loss(np.array([[[1]]]), np.zeros((1, 1, 1, 1))))  # 4 * ln 2
     2.772588...
     """
 
-    def __init__(self, label_smoothing=0.0, name="cross_entropy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = float(label_smoothing)
-
-    def _settings(self):
-        return {"label_smoothing": self.label_smoothing}
-
-    def pixel_losses(self, y_true, y_pred):
-        return F.cross_entropy(
-            y_true, y_pred, self.class_weights, self.label_smoothing,
-            self.ignore_false_negatives, self.from_logits, self.ignore_index,
-        )
+    term = "cross_entropy"
 
 
 @keras.saving.register_keras_serializable(package="segtrain")
-class CostSensitiveCrossEntropy(PixelLoss):
-    """Cost-sensitive cross-entropy, mean over valid pixels.
+class CostSensitiveCrossEntropy(SegmentationLoss):
+    """Cost-sensitive cross-entropy, mean over valid pixels (`functional.cost_sensitive_cross_entropy`).
 
     Formula:
     ```
     loss = sum_{valid pixels} w[y] * sum_j C[y][j] * -log(1 - p_j) / number of valid pixels
     ```
-
-    Args:
-        cost_matrix: K x K costs `C[true][pred]`, zero diagonal. Defaults to `1 - I`, which
-            for two classes is exactly binary cross-entropy.
-        ignore_false_negatives: classes whose rows of C are zeroed.
-        Other args: see `SegmentationLoss`.
+    `cost_matrix` defaults to the fp_cost / fn_cost shorthand, and without costs to `1 - I`
+    (for two classes exactly binary cross-entropy).
     """
 
-    def __init__(self, cost_matrix=None, name="cost_sensitive", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.cost_matrix = None if cost_matrix is None else np.asarray(cost_matrix, float).tolist()
-
-    def _settings(self):
-        return {"cost_matrix": self.cost_matrix}
-
-    def pixel_losses(self, y_true, y_pred):
-        costs = self.cost_matrix
-        if costs is None:
-            k = F.num_classes(y_pred)
-            costs = 1.0 - np.eye(k)
-        return F.cost_sensitive_cross_entropy(
-            y_true, y_pred, costs, self.class_weights,
-            self.ignore_false_negatives, self.from_logits, self.ignore_index,
-        )
+    term = "cost_sensitive"
 
 
 @keras.saving.register_keras_serializable(package="segtrain")
-class FocalLoss(PixelLoss):
-    """Focal loss `w[y] * (1 - p_y)**gamma * -log p_y`, mean over valid pixels.
+class FocalLoss(SegmentationLoss):
+    """Focal loss, mean over valid pixels (`functional.focal`); class weights are the per-class alpha.
 
-    Args:
-        gamma: focusing exponent >= 0. Defaults to 2. Class weights are the per-class alpha.
-        Other args: see `SegmentationLoss`.
+    Formula:
+    ```
+    loss = sum_{valid pixels} w[y] * (1 - p_y)**gamma * -log p_y / number of valid pixels
+    ```
     """
 
-    def __init__(self, gamma=2.0, name="focal", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.gamma = float(gamma)
-
-    def _settings(self):
-        return {"gamma": self.gamma}
-
-    def pixel_losses(self, y_true, y_pred):
-        return F.focal(
-            y_true, y_pred, self.gamma, self.class_weights,
-            self.ignore_false_negatives, self.from_logits, self.ignore_index,
-        )
+    term = "focal"
 
 
 @keras.saving.register_keras_serializable(package="segtrain")
@@ -227,80 +224,38 @@ class TverskyLoss(SegmentationLoss):
     `include_background`.
     """
 
-    def __init__(
-        self,
-        alpha=0.5,
-        beta=0.5,
-        gamma=1.0,
-        smooth=1.0,
-        per_image=False,
-        include_background=False,
-        name="tversky",
-        **kwargs,
-    ):
-        super().__init__(name=name, **kwargs)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.gamma = float(gamma)
-        self.smooth = float(smooth)
-        self.per_image = bool(per_image)
-        self.include_background = bool(include_background)
-
-    def _settings(self):
-        return {
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "gamma": self.gamma,
-            "smooth": self.smooth,
-            "per_image": self.per_image,
-            "include_background": self.include_background,
-        }
-
-    def call(self, y_true, y_pred):
-        loss = F.tversky(
-            y_true, y_pred, self.alpha, self.beta, self.gamma, self.smooth,
-            self.class_weights, self.per_image, self.include_background,
-            self.ignore_false_negatives, self.from_logits, self.ignore_index,
-        )
-        if not self.per_image:  # one value per image (the pooled one) so a reduction sees a batch
-            loss = tf.fill(tf.shape(y_pred)[:1], loss)
-        return loss
-
-    def replica_share(self, y_true, y_pred, sample_weight):
-        """sum of this replica's (weighted) per-image values / images of the global batch.
-
-        Pooled, every image carries the global-batch value (its counts are summed over the
-        replicas), so the shares add up to it.
-        """
-        losses = _weighted(self.call(y_true, y_pred), sample_weight)
-        images = F.replica_sum(tf.cast(tf.shape(y_pred)[0], tf.float32))
-        return tf.math.divide_no_nan(tf.reduce_sum(losses), images)
+    term = "tversky"
 
 
 @keras.saving.register_keras_serializable(package="segtrain")
-class DiceLoss(TverskyLoss):
-    """Soft Dice loss: `TverskyLoss` with alpha = beta = 0.5."""
+class DiceLoss(SegmentationLoss):
+    """Soft Dice loss: `TverskyLoss` with alpha = beta = 0.5 (`functional.dice`).
 
-    def __init__(self, name="dice", **kwargs):
-        super().__init__(alpha=0.5, beta=0.5, name=name, **kwargs)
+    Formula:
+    ```
+    loss = 1 - (2 TP + 2 smooth) / (2 TP + FP + FN + 2 smooth)      per class
+    ```
+    """
 
-    def _settings(self):
-        settings = super()._settings()
-        del settings["alpha"], settings["beta"]
-        return settings
+    term = "dice"
 
 
 @keras.saving.register_keras_serializable(package="segtrain")
-class JaccardLoss(TverskyLoss):
-    """Soft Jaccard (IoU) loss: `TverskyLoss` with alpha = beta = 1."""
+class JaccardLoss(SegmentationLoss):
+    """Soft Jaccard (IoU) loss: `TverskyLoss` with alpha = beta = 1 (`functional.jaccard`).
 
-    def __init__(self, name="jaccard", **kwargs):
-        super().__init__(alpha=1.0, beta=1.0, name=name, **kwargs)
+    Formula:
+    ```
+    loss = 1 - (TP + smooth) / (TP + FP + FN + smooth)      per class
+    ```
+    """
 
-    def _settings(self):
-        settings = super()._settings()
-        del settings["alpha"], settings["beta"]
-        return settings
+    term = "jaccard"
+
+
+NAMED = {cls.term: cls for cls in (CrossEntropy, CostSensitiveCrossEntropy, FocalLoss, TverskyLoss, DiceLoss,
+                                    JaccardLoss)}
+"""The named class of a term; a term without one is a plain `SegmentationLoss(term)`."""
 
 
 @keras.saving.register_keras_serializable(package="segtrain")
@@ -346,3 +301,36 @@ class CombinedLoss(keras.losses.Loss):
             (w, keras.saving.deserialize_keras_object(l)) for w, l in config["terms"]
         ]
         return cls(**config)
+
+
+def build_loss(loss, class_names, class_weights=None):
+    """The Keras loss of a config's `loss` section.
+
+    Args:
+        loss: a `segtrain.config.LossConfig`, or a raw section (validated here, see `segtrain.config.loss_config`).
+        class_names: the K class names.
+        class_weights: resolved K weights (see `segtrain.class_weights`) or None; given to
+            every term with `use_class_weights: true`.
+
+    Returns:
+        The term's loss when there is one term of weight 1, else a `CombinedLoss`.
+    """
+    from segtrain.config import loss_config
+
+    class_names = list(class_names)
+    loss = loss_config(loss, class_names)
+    if class_weights is not None:
+        class_weights = np.asarray(class_weights, float).ravel()
+        if class_weights.shape != (len(class_names),):
+            raise ConfigError(f"loss.class_weights: expected {len(class_names)} weights ({', '.join(class_names)}), "
+                              f"got {class_weights.size}.")
+    terms = []
+    for term in loss.terms:
+        make = NAMED.get(term.name, SegmentationLoss)
+        terms.append((term.weight, make(
+            term.name, class_weights=class_weights if term.use_class_weights else None,
+            ignore_false_negatives=loss.free_misses(term, class_names), **term.settings(),
+        )))
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+    return CombinedLoss(terms)

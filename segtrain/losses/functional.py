@@ -1,4 +1,12 @@
-"""Pure loss functions for segmentation: tensors in, unreduced losses out.
+"""Pure loss functions for segmentation: tensors in, unreduced losses out, one function per loss term.
+
+A loss term is a function `f(y_true, y_pred, <settings>, *, class_weights, ignore_false_negatives,
+from_logits, ignore_index)` registered in `TERMS` under its config name. Its settings are the
+keyword arguments between y_pred and `*`: their names, annotations (the types of
+`segtrain.config`, e.g. `NonNegative`) and defaults are the term's config schema
+(`segtrain.config.term_class`), and the Keras wrapper (`segtrain.losses.classes.SegmentationLoss`)
+stores them and returns them from `get_config`. The four arguments after `*` are the same for
+every term.
 
 Conventions shared by every function here:
 
@@ -14,22 +22,43 @@ Conventions shared by every function here:
 
 Per-pixel losses (`cross_entropy`, `cost_sensitive_cross_entropy`, `focal`) return
 (B, H, W) with zeros at invalid pixels; overlap losses (`tversky`, `dice`, `jaccard`)
-return (B,) per-image losses, or a scalar when pooled over the batch.
+return (B,) per-image losses, or a scalar when pooled over the batch. The Keras wrapper
+reduces each by its shape.
 
 Under tf.distribute (inside `strategy.run`), pooled overlap counts are summed over the
 replicas (`replica_sum`) before the ratio is taken, so every replica computes the loss of
 the *global* batch, exactly as one device would.
 """
 
-import numpy as np
-import tensorflow as tf
+import functools
+import inspect
+from typing import Optional
 
+import numpy as np
+
+from segtrain.config import CostMatrix, Fraction, NonNegative, PerClass, Positive
+from segtrain.decision import cost_matrix_from
 from segtrain.labels import IGNORE_INDEX
+
+
+class _TensorFlow:
+    """`tf`, imported on first use: validating a config reads these functions' settings without TensorFlow."""
+
+    def __getattr__(self, name):
+        import tensorflow
+
+        return getattr(tensorflow, name)
+
+
+tf = _TensorFlow()
 
 EPSILON = 1e-7
 """Clip for probabilities given with `from_logits=False`, and floor of overlap denominators."""
 
 _TINY = float(np.finfo(np.float32).tiny)
+
+COMMON_ARGS = ("class_weights", "ignore_false_negatives", "from_logits", "ignore_index")
+"""Keyword arguments every loss function takes after `*`; not settings of its own."""
 
 
 def num_classes(y_pred):
@@ -132,8 +161,9 @@ def _pixel_weights(labels, valid, k, class_weights, ignore_false_negatives):
 def cross_entropy(
     y_true,
     y_pred,
+    label_smoothing: Fraction = 0.0,
+    *,
     class_weights=None,
-    label_smoothing=0.0,
     ignore_false_negatives=None,
     from_logits=True,
     ignore_index=IGNORE_INDEX,
@@ -149,8 +179,8 @@ def cross_entropy(
     target towards 0.5 = 1/K). The mean over valid pixels is taken by the Keras class.
 
     Args:
-        class_weights: None or K weights; `w[y]` multiplies the pixel's loss.
         label_smoothing: float in [0, 1). Defaults to 0.
+        class_weights: None or K weights; `w[y]` multiplies the pixel's loss.
         ignore_false_negatives: class indices whose true pixels cost nothing.
 
     Returns:
@@ -168,7 +198,10 @@ def cross_entropy(
 def cost_sensitive_cross_entropy(
     y_true,
     y_pred,
-    cost_matrix,
+    cost_matrix: Optional[CostMatrix] = None,
+    fp_cost: Optional[PerClass] = None,
+    fn_cost: Optional[PerClass] = None,
+    *,
     class_weights=None,
     ignore_false_negatives=None,
     from_logits=True,
@@ -184,7 +217,11 @@ def cost_sensitive_cross_entropy(
     is BCE with `fn` on positives and `fp` on negatives; with `C = 1 - I` it is exactly BCE.
 
     Args:
-        cost_matrix: K x K non-negative costs, zero diagonal.
+        cost_matrix: K x K non-negative costs, zero diagonal. Defaults to the shorthand below.
+        fp_cost: K prices of predicting each class where it is not (shorthand, see
+            `segtrain.decision.shorthand_cost_matrix`). Defaults to ones.
+        fn_cost: K prices of missing each class. Defaults to ones; no costs at all give
+            `C = 1 - I`, which for two classes is exactly binary cross-entropy.
         class_weights: None or K weights multiplying each pixel's loss by w[y].
         ignore_false_negatives: class indices whose rows are zeroed (their misses are free).
 
@@ -193,12 +230,9 @@ def cost_sensitive_cross_entropy(
     """
     labels, valid, log_p, log_1mp = prepare(y_true, y_pred, from_logits, ignore_index)
     k = log_p.shape[-1]
-    costs = np.asarray(cost_matrix, np.float32)
+    costs = cost_matrix_from(k, cost_matrix, fp_cost, fn_cost, ignore_false_negatives or ()).astype(np.float32)
     if costs.shape != (k, k):
         raise ValueError(f"cost_matrix has shape {costs.shape}, the prediction has {k} classes.")
-    costs = costs.copy()
-    for c in ignore_false_negatives or ():
-        costs[int(c), :] = 0.0
     row = tf.gather(tf.constant(costs), labels)
     pixel = -tf.reduce_sum(row * log_1mp, axis=-1)
     return pixel * _pixel_weights(labels, valid, k, class_weights, None)
@@ -207,7 +241,8 @@ def cost_sensitive_cross_entropy(
 def focal(
     y_true,
     y_pred,
-    gamma=2.0,
+    gamma: NonNegative = 2.0,
+    *,
     class_weights=None,
     ignore_false_negatives=None,
     from_logits=True,
@@ -222,6 +257,9 @@ def focal(
     `(1 - p_y) ** gamma` is computed as `exp(gamma * log(1 - p_y))`, finite with finite
     gradients for every gamma >= 0 and every logit. gamma = 0 gives `cross_entropy`.
     The binary alpha of the paper is `class_weights=[1 - alpha, alpha]`.
+
+    Args:
+        gamma: focusing exponent >= 0. Defaults to 2.
 
     Returns:
         (B, H, W) float32.
@@ -278,13 +316,14 @@ def overlap_counts(
 def tversky(
     y_true,
     y_pred,
-    alpha=0.5,
-    beta=0.5,
-    gamma=1.0,
-    smooth=1.0,
+    alpha: NonNegative = 0.5,
+    beta: NonNegative = 0.5,
+    gamma: Positive = 1.0,
+    smooth: NonNegative = 1.0,
+    per_image: bool = False,
+    include_background: bool = False,
+    *,
     class_weights=None,
-    per_image=False,
-    include_background=False,
     ignore_false_negatives=None,
     from_logits=True,
     ignore_index=IGNORE_INDEX,
@@ -318,7 +357,6 @@ def tversky(
         gamma: exponent (> 0); gamma != 1 is the focal Tversky loss (Abraham & Khan's
             exponent 1/gamma = 3/4 is `gamma=0.75` here). Defaults to 1.
         smooth: additive smoothing (>= 0). Defaults to 1.
-        class_weights: None or K weights for the average over classes.
         per_image: score each image, then average over classes per image (B,);
             otherwise pool the counts over the batch (scalar). Defaults to False.
         include_background: average over all K classes (for one channel: [bg, fg]).
@@ -327,6 +365,7 @@ def tversky(
             and nnU-Net do; averaging in the background's score would cancel the
             asymmetry alpha and beta set (a false positive of the foreground is a false
             negative of the background).
+        class_weights: None or K weights for the average over classes.
 
     Returns:
         (B,) float32 when `per_image`, else a float32 scalar.
@@ -351,11 +390,48 @@ def tversky(
     )
 
 
-def dice(y_true, y_pred, **kwargs):
+def special_case(general, **fixed):
+    """Decorator: the decorated loss is `general` with the `fixed` settings; its settings are general's others.
+
+    Example: `@special_case(tversky, alpha=0.5, beta=0.5)` over `def dice(y_true, y_pred, **settings)`.
+    """
+
+    def wrap(declared):
+        @functools.wraps(declared)
+        def loss(y_true, y_pred, **settings):
+            return general(y_true, y_pred, **fixed, **settings)
+
+        signature = inspect.signature(general)
+        loss.__signature__ = signature.replace(
+            parameters=[p for p in signature.parameters.values() if p.name not in fixed]
+        )
+        return loss
+
+    return wrap
+
+
+@special_case(tversky, alpha=0.5, beta=0.5)
+def dice(y_true, y_pred, **settings):
     """Soft Dice loss: `tversky` with alpha = beta = 0.5, i.e. 1 - 2TP / (2TP + FP + FN)."""
-    return tversky(y_true, y_pred, alpha=0.5, beta=0.5, **kwargs)
 
 
-def jaccard(y_true, y_pred, **kwargs):
+@special_case(tversky, alpha=1.0, beta=1.0)
+def jaccard(y_true, y_pred, **settings):
     """Soft Jaccard (IoU) loss: `tversky` with alpha = beta = 1, i.e. 1 - TP / (TP + FP + FN)."""
-    return tversky(y_true, y_pred, alpha=1.0, beta=1.0, **kwargs)
+
+
+TERMS = {
+    "cross_entropy": cross_entropy,
+    "cost_sensitive": cost_sensitive_cross_entropy,
+    "focal": focal,
+    "jaccard": jaccard,
+    "dice": dice,
+    "tversky": tversky,
+}
+"""The loss terms a config can name (`loss.terms[i].name`): config name -> loss function."""
+
+
+def term_settings(fn) -> list:
+    """The settings of loss function `fn`: its `inspect.Parameter`s after (y_true, y_pred), less COMMON_ARGS."""
+    parameters = list(inspect.signature(fn, eval_str=True).parameters.values())[2:]
+    return [p for p in parameters if p.name not in COMMON_ARGS and p.kind is not p.VAR_KEYWORD]
