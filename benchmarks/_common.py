@@ -161,72 +161,69 @@ def timed(fn: Callable[[], None]) -> float:
 
 
 class SegtrainSetup:
-    """segtrain's training objects built exactly as `segtrain.train.run_fit` builds them.
+    """segtrain's training objects built by the functions `segtrain.train.run_fit` calls, and its loop.
 
-    prepare_data (file checks and the class-statistics pass), precision policy, strategy,
-    build_unet, build_loss with the data set's class weights, make_optimizer with the
-    schedule, training_dataset over the files on disk (decode, cache, shuffle, augment,
-    batch, prefetch) distributed by the strategy, and the Trainer's tf.function step.
+    prepare_data (file checks and the class-statistics pass), the strategy, the precision policy,
+    `segtrain.engine.setup.build_engine` (U-Net, loss with the data set's class weights, optimizer and
+    schedule, Trainer with the config's steps per call and XLA setting) and `RunData` (training_dataset
+    over the files on disk, distributed by the strategy). `run_steps` runs the loop's own
+    `train_epoch`: compiled calls, losses read once per call, tqdm bar, NaN and signal checks.
     """
 
     def __init__(self, config, work_dir: Path, total_steps: int = 1000):
-        import inspect
+        import dataclasses
 
-        import keras
-        import tensorflow as tf
-
-        from segtrain.data.pipeline import DataSpec, training_dataset
-        from segtrain.engine.devices import make_strategy, set_precision
-        from segtrain.engine.trainer import Trainer, make_optimizer, make_schedule
-        from segtrain.losses import build_loss
-        from segtrain.model import build_unet, output_channels
+        from segtrain.engine.devices import make_strategy, training_process_settings
+        from segtrain.engine.setup import RunData, build_engine
         from segtrain.train import prepare_data
 
+        # many epochs: the cosine schedule decays over far more steps than a benchmark runs
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=total_steps))
         self.config = config
-        train = config.train
-        prepared = prepare_data(config)
-        self.strategy = make_strategy(train.distribute)
-        keras.utils.set_random_seed(train.seed)
-        self.policy = set_precision(train.precision)
-        num_classes = len(config.data.classes)
-        steps = max(1, len(prepared.train_pairs) // config.data.batch_size)
-        with self.strategy.scope():
-            self.model = build_unet(prepared.channels, output_channels(num_classes), config.model.depth,
-                                    config.model.base_filters, config.model.batch_norm, config.model.dropout)
-            self.loss_fn = build_loss(config.loss, config.data.classes, prepared.class_weights)
-            schedule_args = [train, total_steps, steps]
-            if "lr_scale" in inspect.signature(make_schedule).parameters:
-                schedule_args.append(tf.Variable(1.0, dtype=tf.float32, trainable=False, name="lr_scale"))
-            self.optimizer = make_optimizer(train, make_schedule(*schedule_args), self.policy)
-            self.optimizer.build(self.model.trainable_variables)
-        self.prepared = prepared
-        self.spec = DataSpec(config.data, prepared.mapping, prepared.channels, 2**config.model.depth, train.seed)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        self.dataset = training_dataset(prepared.train_pairs, self.spec, Path(work_dir) / "cache").with_options(options)
-        self.iterator = iter(self.strategy.experimental_distribute_dataset(self.dataset))
-        kwargs = {}
-        if "grad_clip_norm" in inspect.signature(Trainer).parameters:
-            kwargs["grad_clip_norm"] = train.grad_clip_norm
-        self.trainer = Trainer(self.strategy, self.model, self.loss_fn, self.optimizer, num_classes, **kwargs)
+        self.work_dir = Path(work_dir)
+        self.prepared = prepare_data(config)
+        self.strategy = make_strategy(config.train.distribute)
+        self._settings = training_process_settings(config.train)
+        self.policy = self._settings.__enter__()  # process-wide for the benchmark's lifetime, as in a fit
+        self.engine = build_engine(config, self.prepared, self.strategy, self.policy, self.work_dir, True, False)
+        self.data = RunData(config, self.prepared, self.engine, self.work_dir)
+        self.model, self.trainer, self.iterator = self.engine.model, self.engine.trainer, self.data.train_iterator
+        self.loss_fn = self.trainer.loss_fn
+        self.steps_per_execution, self.jit_compile = self.engine.steps_per_execution, self.engine.jit_compile
+        from segtrain.data.pipeline import DataSpec
+
+        self.spec = DataSpec(config.data, self.prepared.mapping, self.prepared.channels, 2**config.model.depth,
+                             config.train.seed)
 
     def run_steps(self, n: int) -> None:
-        """n steps through the loop body of run_fit: Trainer.train_step, the loss fetched, a tqdm bar updated."""
-        from tqdm import tqdm
+        """n optimizer steps through the loop fit runs (`segtrain.engine.loop.train_epoch`)."""
+        from segtrain.engine.loop import StopFlag, train_epoch
+        from segtrain.engine.state import LoopState
 
-        losses = []
-        bar = tqdm(total=n, disable=None, leave=False)
-        started = time.perf_counter()
-        for i in range(n):
-            result = self.trainer.train_step(self.iterator)
-            if not result.finite:
-                raise RuntimeError(f"loss became {result.loss}")
-            losses.append(result.loss)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}",
-                            img_s=f"{(i + 1) * self.config.data.batch_size / max(elapsed, 1e-9):.1f}")
-            bar.update(1)
-        bar.close()
+        loop = LoopState(self.config.train.monitor, n)
+        with StopFlag() as stop:
+            train_epoch(self.engine, self.data, loop, stop, self.work_dir)
+
+
+def keras_unet(setup: SegtrainSetup, steps_per_execution: int = 1, jit_compile="auto", batches: int = 8):
+    """Plain Keras on the same U-Net: compiled with Adam and BinaryCrossentropy (its best settings given here),
+    fed `batches` of segtrain's own crops as in-memory tensors. Returns (model, repeating dataset)."""
+    import keras
+    import tensorflow as tf
+
+    from segtrain.model import build_unet, output_channels
+
+    config = setup.config
+    keras.utils.set_random_seed(1)
+    model = build_unet(setup.prepared.channels, output_channels(len(config.data.classes)), config.model.depth,
+                       config.model.base_filters, config.model.batch_norm, config.model.dropout)
+    model.compile(optimizer=keras.optimizers.Adam(config.train.learning_rate),
+                  loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                  steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    images, masks = in_memory_batches(setup.prepared.train_pairs, setup.spec, batches)
+    targets = np.clip(masks, 0, 1).astype(np.float32)[..., None]
+    ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(config.data.batch_size, drop_remainder=True)
+    return model, ds.cache().repeat().prefetch(tf.data.AUTOTUNE)
 
 
 def in_memory_batches(pairs, spec, count: int) -> tuple[np.ndarray, np.ndarray]:

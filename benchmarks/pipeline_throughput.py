@@ -80,8 +80,7 @@ def main() -> None:
             it = iter(ds)
             for _ in range(epoch_batches + 1):
                 next(it)
-        for _ in range(2):
-            setup.trainer.train_step(step_iterator)
+        setup.trainer.train_steps(step_iterator, 2)
 
         def pipeline_run(name):
             def run() -> float:
@@ -99,8 +98,7 @@ def main() -> None:
 
         def train_run() -> float:
             start = time.perf_counter()
-            for _ in range(args.steps):
-                setup.trainer.train_step(step_iterator)
+            setup.trainer.train_steps(step_iterator, args.steps)
             return args.steps * args.batch / (time.perf_counter() - start)
 
         results = alternate({"pipeline_cache_none": pipeline_run("none"),

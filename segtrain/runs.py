@@ -38,7 +38,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, multi_worker: bo
 
 
 RESUMABLE_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.keep_checkpoints",
-                     "train.checkpoint_every_steps")
+                     "train.checkpoint_every_steps", "train.steps_per_execution", "train.jit_compile")
 """Config keys a resumed run may change; any other change would not continue the same run."""
 
 

@@ -21,7 +21,7 @@ from segtrain.config import Config, save_config
 from segtrain.data.discovery import Pair, find_pairs
 from segtrain.data.images import image_channels
 from segtrain.data.masks import MaskMapping
-from segtrain.data.scan import scan_pairs
+from segtrain.data.scan import scan_pairs, scan_training_set
 from segtrain.errors import CheckpointError, DataError
 from segtrain.history import read_history
 from segtrain.runs import RUN_INFO, check_run_dir, prepare_run_dir, save_model_atomic
@@ -49,21 +49,23 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> Prepare
     from segtrain.class_weights import ClassCounter, class_stats_dict
 
     data = config.data
-    train_pairs = find_pairs(data.root, data.train_split)
-    val_pairs = find_pairs(data.root, data.val_split)
-    mapping = MaskMapping(data.mask, data.classes)
-    counter = ClassCounter(len(data.classes))
     if cached_stats is None:
-        channels = image_channels(train_pairs[0].image)
-        scan_pairs(train_pairs, mapping, channels, data.max_image_pixels, counter, description="class statistics")
-        scan_pairs(val_pairs, mapping, channels, data.max_image_pixels, None, description="checking val pairs")
+        train = scan_training_set(data, description="class statistics")
+        val_pairs = find_pairs(data.root, data.val_split)
+        scan_pairs(val_pairs, train.mapping, train.channels, data.max_image_pixels, None,
+                   description="checking val pairs")
+        train_pairs, mapping, channels, counter = train
     else:
         if list(cached_stats.get("classes", [])) != list(data.classes):
             raise CheckpointError(
                 f"data.classes: the run was trained with classes {cached_stats.get('classes')} but the config names "
                 f"{list(data.classes)}. Resume with the run's own config.yaml, or start a new run with --out."
             )
+        train_pairs = find_pairs(data.root, data.train_split)
+        val_pairs = find_pairs(data.root, data.val_split)
+        mapping = MaskMapping(data.mask, data.classes)
         channels = image_channels(train_pairs[0].image)
+        counter = ClassCounter(len(data.classes))
         counter.counts[:] = cached_stats["counts"]
         counter.image_pixels[:] = cached_stats["image_pixels"]
         counter.num_images = cached_stats["num_images"]

@@ -33,7 +33,8 @@ def final_ratio(lines: list[str]) -> float:
     return value
 
 
-@pytest.mark.parametrize("name", ["fit_throughput.py", "pipeline_throughput.py", "memory.py", "predict_throughput.py"])
+@pytest.mark.parametrize("name", ["fit_throughput.py", "pipeline_throughput.py", "memory.py", "predict_throughput.py",
+                                  "step_overhead.py"])
 def test_speed_and_memory_benchmarks_print_a_final_ratio(name):
     lines = run_script(name, "--tiny")
     final_ratio(lines)
@@ -43,7 +44,7 @@ def test_speed_and_memory_benchmarks_print_a_final_ratio(name):
 def test_every_benchmark_script_is_covered():
     scripts = {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
     covered = {"fit_throughput.py", "pipeline_throughput.py", "memory.py", "gpu_mixed_precision.py", "quality.py",
-               "cost_tradeoff.py", "plain_keras_baseline.py", "predict_throughput.py"}
+               "cost_tradeoff.py", "plain_keras_baseline.py", "predict_throughput.py", "step_overhead.py"}
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
 

@@ -218,3 +218,20 @@ def test_strings_that_are_not_numbers_are_refused_in_every_section(tmp_path, tex
     path = write(tmp_path, "data: {root: ., classes: [background, road]}\n" + text + "\n")
     with pytest.raises(ConfigError, match=rf"{re.escape(key)}: expected"):
         load_config(path)
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"steps_per_execution": 0}, "train.steps_per_execution: must be at least 1"),
+    ({"jit_compile": True, "deterministic": True}, "train.jit_compile: XLA has no deterministic"),
+    ({"jit_compile": True, "distribute": "mirrored"}, "train.jit_compile: XLA steps under several replicas"),
+])
+def test_steps_per_execution_and_jit_compile_are_checked(train, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"data": {"root": "."}, "train": train})
+
+
+def test_steps_per_execution_and_jit_compile_default_to_auto_and_take_values():
+    config = config_from_dict({"data": {"root": "."}, "train": {"steps_per_execution": 16, "jit_compile": False}})
+    assert config.train.steps_per_execution == 16 and config.train.jit_compile is False
+    defaults = config_from_dict({"data": {"root": "."}}).train
+    assert defaults.steps_per_execution == "auto" and defaults.jit_compile == "auto"

@@ -159,3 +159,32 @@ def training_process_settings(train):
         keras.mixed_precision.set_global_policy(policy_before)
         if train.deterministic and not determinism_before:
             tf_config.disable_op_determinism()
+
+
+AUTO_STEPS_PER_EXECUTION = {"GPU": 32, "CPU": 8}
+"""train.steps_per_execution: auto. On a GPU a U-Net step takes milliseconds, so 32 steps per call (Keras's own
+advice for small steps) keep the host round trip off the device's path. On the CPU a real U-Net step takes a second
+or more: 8 steps per call keep the progress bar and Ctrl-C responsive; benchmarks/step_overhead.py measured the
+loop's cost per step there on par with Keras's fit at 32 steps per call (docs/BENCHMARKS.md)."""
+
+
+def resolve_steps_per_execution(train) -> int:
+    """train.steps_per_execution as a number (auto: AUTO_STEPS_PER_EXECUTION for the device)."""
+    if train.steps_per_execution != "auto":
+        return int(train.steps_per_execution)
+    return AUTO_STEPS_PER_EXECUTION["GPU" if tf.config.list_physical_devices("GPU") else "CPU"]
+
+
+def resolve_jit_compile(train, replicas: int) -> bool:
+    """train.jit_compile as a bool. auto: XLA on a CUDA GPU with one replica and train.deterministic off.
+
+    XLA failed here with several replicas (it cannot reach a variable on another device) and has no deterministic
+    MaxPool gradient, so auto leaves it off there, and `true` is refused there. On the CPU it measured no faster on
+    a real U-Net and adds a compile per run, so auto leaves it off.
+    """
+    if train.jit_compile == "auto":
+        return bool(tf.config.list_physical_devices("GPU")) and replicas == 1 and not train.deterministic
+    if train.jit_compile and replicas > 1:
+        raise ConfigError(f"train.jit_compile: XLA steps under {replicas} replicas are not supported; "
+                          "use jit_compile: false (or auto).")
+    return bool(train.jit_compile)

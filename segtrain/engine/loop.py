@@ -64,7 +64,7 @@ def train_epoch(engine: Engine, data: RunData, loop: LoopState, stop: "StopFlag"
     started, images = time.perf_counter(), 0
     try:
         while loop.steps_left_in_epoch > 0:
-            count = steps_in_next_call(loop, train.checkpoint_every_steps, steps_per_execution(engine))
+            count = steps_in_next_call(loop, train.checkpoint_every_steps, engine.steps_per_execution)
             try:
                 losses = engine.trainer.train_steps(data.train_iterator, count)
             except tf.errors.OpError as exc:
@@ -83,10 +83,6 @@ def train_epoch(engine: Engine, data: RunData, loop: LoopState, stop: "StopFlag"
                 save_checkpoint(engine, loop, where, run_dir)
     finally:
         bar.close()
-
-
-def steps_per_execution(engine: Engine) -> int:
-    return max(1, int(getattr(engine.config.train, "steps_per_execution", 1) or 1))
 
 
 def steps_in_next_call(loop: LoopState, checkpoint_every: Optional[int], per_call: int) -> int:

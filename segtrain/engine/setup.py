@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from segtrain.config import Config
 from segtrain.engine.checkpoints import TrainingState
+from segtrain.engine.devices import resolve_jit_compile, resolve_steps_per_execution
 from segtrain.engine.schedules import PlateauState, make_optimizer, make_schedule
 from segtrain.engine.state import LoopState
 from segtrain.engine.trainer import Trainer, logits_labeler
@@ -34,6 +35,8 @@ class Engine:
     policy: str
     chief: bool
     restored: Optional[str]
+    steps_per_execution: int
+    jit_compile: bool
 
     @property
     def replicas(self) -> int:
@@ -83,10 +86,12 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
         loop = LoopState(train.monitor, steps)
     # validation decides like eval, so best.keras is chosen by the rule that eval reports
     labeler = logits_labeler(config.predict.decision, config.predict.threshold, decision_cost_matrix(config))
+    jit = resolve_jit_compile(train, strategy.num_replicas_in_sync)
     trainer = Trainer(strategy, model, loss_fn, optimizer, len(classes), grad_clip_norm=train.grad_clip_norm,
-                      labeler=labeler)
+                      labeler=labeler, jit_compile=jit)
     plateau = PlateauState(train, checkpoint.lr_scale, checkpoint.plateau_wait) if train.schedule == "plateau" else None
-    return Engine(config, strategy, model, optimizer, trainer, checkpoint, plateau, loop, policy, chief, restored)
+    return Engine(config, strategy, model, optimizer, trainer, checkpoint, plateau, loop, policy, chief, restored,
+                  resolve_steps_per_execution(train), jit)
 
 
 def _synchronize_batch_norm(model) -> None:

@@ -52,7 +52,7 @@ class Trainer:
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, loss_fn, optimizer,
-                 num_classes: int, grad_clip_norm=None, labeler=None):
+                 num_classes: int, grad_clip_norm=None, labeler=None, jit_compile: bool = False):
         self.labeler = labeler or labels_from_logits
         self.strategy = strategy
         self.model = model
@@ -65,6 +65,12 @@ class Trainer:
             self.confusion = ConfusionMatrix(num_classes)
             self.val_loss_sum = _summed_variable()
             self.val_images = _summed_variable()
+        # XLA compiles the per-replica step (forward, loss, backward, update); the loop over steps around it
+        # reads the input iterator, which XLA cannot, so it stays an ordinary tf.function (as in Keras).
+        self._replica_step = tf.function(self._replica_train_step, jit_compile=True) if jit_compile \
+            else self._replica_train_step
+        self._replica_forward = tf.function(self._replica_val_logits, jit_compile=True) if jit_compile \
+            else self._replica_val_logits
         self._train_steps = tf.function(self._distributed_train_steps)
         self._val_step = tf.function(self._distributed_val_step)
         self._weights_finite = tf.function(self._all_weights_finite)
@@ -104,7 +110,7 @@ class Trainer:
         losses = tf.TensorArray(tf.float32, size=count)
         for i in tf.range(count):
             images, masks = next(iterator)
-            per_replica = self.strategy.run(self._replica_train_step, args=(images, masks))
+            per_replica = self.strategy.run(self._replica_step, args=(images, masks))
             losses = losses.write(i, self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
         return losses.stack()
 
@@ -137,10 +143,13 @@ class Trainer:
         return float(self._count_stops(tf.constant(1.0 if local else 0.0))) > 0
 
     # ------------------------------------------------------------------ validation
+    def _replica_val_logits(self, images, masks):
+        logits = tf.cast(self.model(images, training=False), tf.float32)
+        return logits, tf.cast(self.loss_fn(masks, logits), tf.float64)
+
     def _replica_val_step(self, images, masks):
-        logits = self.model(images, training=False)
         # This replica's share of the batch's loss (see the module docstring); the shares sum to it.
-        share = tf.cast(self.loss_fn(masks, tf.cast(logits, tf.float32)), tf.float64)
+        logits, share = self._replica_forward(images, masks)
         count = tf.cast(tf.shape(images)[0], tf.float64)
         self.val_loss_sum.assign_add(share * replica_sum(count))  # summed over replicas: loss x batch images
         self.val_images.assign_add(count)
