@@ -26,17 +26,12 @@ reduction still divides by the number of valid pixels (or images), not by the we
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.backend.common.masking import set_keras_mask  # keeps a tensor's mask (eager too); no public name
 
 from segtrain.errors import ConfigError
 from segtrain.labels import IGNORE_INDEX
 from segtrain.losses import functional as F
 
-try:  # Keras >= 3.5 keeps tensor masks through this helper (works on eager tensors too).
-    from keras.src.backend.common.masking import set_keras_mask as _set_mask
-except ImportError:  # pragma: no cover - older Keras 3
-
-    def _set_mask(x, mask):
-        x._keras_mask = mask
 
 
 def _floats(values):
@@ -127,7 +122,7 @@ class SegmentationLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         values = self.values(y_true, y_pred)
         if values.shape.rank > 1:
-            _set_mask(values, F.valid_labels(y_true, y_pred, self.ignore_index)[1])
+            set_keras_mask(values, F.valid_labels(y_true, y_pred, self.ignore_index)[1])
         return values
 
     def __call__(self, y_true, y_pred, sample_weight=None):
