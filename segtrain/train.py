@@ -124,8 +124,8 @@ def _write_run_header(config: Config, prepared: PreparedData, engine, run_dir: P
     save_config(config, run_dir / "config.yaml")
     write_json(prepared.class_stats, run_dir / "class_stats.json")
     write_json({"in_channels": prepared.channels, "num_classes": len(config.data.classes),
-                       "precision": engine.policy, "replicas": engine.replicas,
-                       "config_file": str(config_path) if config_path else None}, run_dir / RUN_INFO)
+                "precision": engine.policy, "replicas": engine.replicas,
+                "config_file": str(config_path) if config_path else None}, run_dir / RUN_INFO)
 
 
 def _train(engine, prepared: PreparedData, run_dir: Path, resume: bool, created_run_dir: bool, log) -> None:

@@ -73,10 +73,12 @@ def _tf_config() -> Optional[dict]:
 def make_strategy(distribute: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy for `train.distribute`; create it before any other TensorFlow work.
 
-    auto: MirroredStrategy when more than one GPU is visible, else the default strategy.
-    none: the default strategy (one device). mirrored: MirroredStrategy over every GPU
-    (or every logical CPU device when there is no GPU). multi_worker:
-    MultiWorkerMirroredStrategy over the cluster in TF_CONFIG.
+    auto: MirroredStrategy when more than one GPU is visible, else one device. none: one
+    device. mirrored: MirroredStrategy over every GPU (or every logical CPU device when there
+    is no GPU). multi_worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG.
+    One device is OneDeviceStrategy on the first GPU, whose distributed datasets prefetch the
+    next batches onto the GPU ahead of the step (as MirroredStrategy does on each of its
+    devices), or TensorFlow's default strategy on the CPU.
     """
     if distribute == "multi_worker":
         if _tf_config() is None:
@@ -89,6 +91,8 @@ def make_strategy(distribute: str) -> tf.distribute.Strategy:
     if distribute == "mirrored" or (distribute == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
+    if gpus:
+        return tf.distribute.OneDeviceStrategy(gpus[0].name)
     return tf.distribute.get_strategy()
 
 
