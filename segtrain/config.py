@@ -159,6 +159,10 @@ class DataConfig:
     memory and none shuffle the whole set). Its size bounds the memory of a streaming run."""
     max_image_pixels: int = 100_000_000
     """Images with more pixels than this are refused (decompression-bomb guard)."""
+    sampling: dict[str, float] = field(default_factory=dict)
+    """Class-aware crops: class name -> share of training crops centred on a random pixel of that class (e.g.
+    {crack: 0.5}); shares sum to <= 1, the rest are placed uniformly, and an image without the class gets a uniform
+    crop. Needs data.crop. Empty: every crop uniform."""
 
 
 @dataclass
@@ -208,6 +212,9 @@ class LossConfig:
     class_weights: Union[str, PerClass, None] = "none"
     """none | a strategy computed over the training set (segtrain.class_weights.STRATEGIES) | [w0, ...] |
     {class: w}; scaled so that the loss keeps its unweighted scale."""
+    class_weights_from: Literal["data", "sampled"] = "sampled"
+    """The frequencies the class-weight strategies use: the training set's pixels (data), or the pixels expected in
+    the training crops under data.sampling (sampled; the same as data without sampling)."""
     max_weight: Optional[Annotated[float, Bound(">=", 1.0)]] = None
     """Cap on the scaled class weights (>= 1, since they average 1)."""
     ignore_false_negatives: ClassNames = field(default_factory=list)
@@ -641,7 +648,7 @@ def _coerce_union(value: Any, tp, path: str, classes: Optional[list]):
 
 # ---------------------------------------------------------------------------- the loss section
 
-_LOSS_SECTION_KEYS = ("class_weights", "max_weight", "ignore_false_negatives")
+_LOSS_SECTION_KEYS = ("class_weights", "class_weights_from", "max_weight", "ignore_false_negatives")
 
 
 def _build_loss(raw: Any, path: str, classes: Optional[list]) -> LossConfig:
@@ -811,6 +818,22 @@ def _check_data(data: DataConfig, divisor: int) -> None:
         raise ConfigError("data.shuffle_buffer: must be at least 1.")
     if data.max_image_pixels < 1:
         raise ConfigError("data.max_image_pixels: must be positive, e.g. 100000000.")
+    _check_sampling(data)
+
+
+def _check_sampling(data: DataConfig) -> None:
+    """data.sampling: known classes, shares in [0, 1] summing to <= 1, and a crop to centre."""
+    for name, share in data.sampling.items():
+        _class_index(name, f"data.sampling.{name}", data.classes)
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"data.sampling.{name}: a share of the training crops must be in [0, 1], got {share!r}.")
+    total = sum(data.sampling.values())
+    if total > 1.0 + 1e-9:
+        raise ConfigError(f"data.sampling: the shares sum to {total:g} > 1; they are fractions of the training crops "
+                          "(the rest are placed uniformly).")
+    if data.sampling and data.crop is None:
+        raise ConfigError("data.sampling: class-aware sampling centres training crops on class pixels and needs "
+                          "data.crop (e.g. data.crop: 128); remove data.sampling to train on whole images.")
 
 
 def _check_predict_values(predict: PredictConfig, divisor: int) -> None:
