@@ -8,8 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import make_stripes_dataset
-from tests.cli_helpers import folder_digest, invoke, write_config
+from tests.helpers import folder_digest, invoke, make_stripes_dataset, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.cli_helpers import folder_digest, invoke, write_config
-from tests.conftest import REPO, SHARED_DATASETS, make_stripes_dataset
+from tests.helpers import REPO, SHARED_DATASETS, folder_digest, invoke, make_stripes_dataset, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +234,7 @@ def test_eval_defaults_to_the_runs_own_val_split(tmp_path):
 
 def test_fit_on_whole_images_of_two_sizes_with_batches_of_two(tmp_path):
     """data.crop: null with images of different sizes, none a multiple of 2**depth, and batch_size 2."""
-    from tests.conftest import write_pair
+    from tests.helpers import write_pair
 
     rng = np.random.default_rng(2)
     sizes = [(20, 12), (9, 26), (17, 17)]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
 SCRIPT = REPO / "scripts" / "make_data_samples.py"
 SAMPLES = REPO / "data_samples"
 

@@ -13,12 +13,9 @@ import time
 
 import numpy as np
 import pytest
-
-from tests.conftest import REPO, make_stripes_dataset
 from PIL import Image
 
-from tests.cli_helpers import TINY, write_config
-from tests.test_engine import history, stopped_at_step
+from tests.helpers import REPO, TINY, history, make_stripes_dataset, stopped_at_step, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +213,7 @@ def test_multi_worker_trains_through_the_cli_stops_together_resumes_and_only_the
     scratch.mkdir()
 
     # SIGINT (Ctrl-C) to the non-chief worker only, once the chief has written a checkpoint: both workers agree
-    # to stop at the same step, take part in one last checkpoint and exit 130 (SIGTERM: see test_resume.py)
+    # to stop at the same step, take part in one last checkpoint and exit 130 (SIGTERM: see test_engine_resume.py)
     procs = start_workers(config, run, scratch)
     state = run / "checkpoints" / "checkpoint"
     deadline = time.monotonic() + 300

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import REPO, make_stripes_dataset
-from tests.cli_helpers import invoke, write_config
-from tests.test_engine import history, stopped_at_step, weights_of
+from tests.helpers import REPO, history, invoke, make_stripes_dataset, stopped_at_step, weights_of, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -58,7 +58,7 @@ def test_crop_larger_than_image_pads_with_ignore():
 
 
 def test_evaluation_dataset_pads_to_divisor_with_ignore(tmp_path):
-    from tests.conftest import write_pair
+    from tests.helpers import write_pair
 
     write_pair(tmp_path, "val", "a", np.zeros((10, 13, 3), np.uint8), np.full((10, 13), 255, np.uint8))
     spec = spec_for(tmp_path)
@@ -89,7 +89,7 @@ WHOLE_SIZES = {"tall": (20, 12), "wide": (9, 26)}
 
 
 def _write_two_sizes(root):
-    from tests.conftest import write_pair
+    from tests.helpers import write_pair
 
     rng = np.random.default_rng(5)
     for stem, (h, w) in WHOLE_SIZES.items():

@@ -1,0 +1,106 @@
+"""Shared test helpers, the one module tests import from (test modules never import each other, and conftest.py
+holds only fixtures): paths, tiny synthetic data sets, a tiny config and an in-process CLI, and readers of a
+run folder."""
+
+import csv
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from segtrain.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+# ---------------------------------------------------------------------------- synthetic data sets
+
+
+def write_pair(root: Path, split: str, stem: str, image: np.ndarray, mask: np.ndarray, image_ext: str = ".png"):
+    (root / split / "images").mkdir(parents=True, exist_ok=True)
+    (root / split / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / split / "images" / f"{stem}{image_ext}")
+    Image.fromarray(mask).save(root / split / "masks" / f"{stem}.png")
+
+
+def make_stripes_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 32, seed: int = 0) -> Path:
+    """Bright vertical stripes (mask 255) on dark noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        for i in range(count):
+            mask = np.zeros((size, size), np.uint8)
+            for x in rng.choice(size - 4, size=2, replace=False):
+                mask[:, x : x + 3] = 255
+            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            image[mask > 0] = rng.integers(180, 255, (int((mask > 0).sum()), 3)).astype(np.uint8)
+            write_pair(root, split, f"img{i:02d}", image, mask)
+    return root
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+TINY = {
+    "model": {"depth": 2, "base_filters": 4},
+    "data": {"classes": ["background", "stripe"], "mask": {"threshold": 127}, "crop": 16, "batch_size": 4},
+    "loss": {"terms": [{"name": "cross_entropy"}], "class_weights": "balanced"},
+    "train": {"epochs": 2, "steps_per_epoch": 2, "learning_rate": 0.01, "seed": 1},
+}
+"""A config that trains in seconds on the stripes data set of make_stripes_dataset."""
+
+
+def write_config(path, root, base=TINY, **sections):
+    """`base` with data.root set and some sections updated, written as YAML to `path`."""
+    config = json.loads(json.dumps(base))
+    config["data"]["root"] = str(root)
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def invoke(*args):
+    """Run `segtrain ARGS...` in this process; exceptions other than Click's propagate."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def folder_digest(folder):
+    """One hash of every file's relative path and bytes: equal digests mean an untouched folder."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- run folders
+
+
+TIMING_COLUMNS = ("seconds", "images_per_second")
+
+
+def weights_of(path):
+    """The weights of a saved .keras model."""
+    import keras  # here, so that importing the helpers does not start TensorFlow
+
+    return keras.models.load_model(path, compile=False).get_weights()
+
+
+def history(run, drop=TIMING_COLUMNS):
+    """history.csv of a run folder as a list of rows, without the columns that vary between runs (timings)."""
+    with (run / "history.csv").open() as handle:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(handle)]
+
+
+def stopped_at_step(where, steps_per_epoch):
+    """The global step of 'at epoch E, step S' (inside an epoch) or 'after epoch N' (during its validation)."""
+    inside = re.fullmatch(r"at epoch (\d+), step (\d+)", where)
+    if inside:
+        return (int(inside.group(1)) - 1) * steps_per_epoch + int(inside.group(2))
+    return int(re.fullmatch(r"after epoch (\d+)", where).group(1)) * steps_per_epoch
