@@ -73,13 +73,16 @@ def fit(config_path, overrides, out, resume, overwrite):
               help="Foreground probability threshold (two classes); implies --decision threshold.")
 @click.option("--relaxed", "relaxed_rho", type=click.FloatRange(min=0), metavar="RHO",
               help="Also report relaxed precision/recall: a hit within RHO pixels counts (thin structures).")
-def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed_rho):
-    """Per-class metrics of a trained model on a labelled split."""
+@click.option("--worst", type=click.IntRange(min=0), default=6, show_default=True, metavar="K",
+              help="Rows of worst_images.png: the K images of lowest mean foreground IoU (0: no gallery).")
+def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed_rho, worst):
+    """Per-class and per-image metrics of a trained model on a labelled split."""
     _import_tensorflow_quietly()
     from segtrain.evaluate import evaluate_checkpoint
 
     decision = _decision_from_options(decision, threshold)
-    evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold, relaxed_rho)
+    evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold, relaxed_rho,
+                        worst=worst)
 
 
 @cli.command(short_help="Write one mask per image.")

@@ -1,5 +1,22 @@
 """`segtrain eval`: whole images through the same `Predictor` as `segtrain predict` (tiled inference and
 the configured decision rule), scored by one confusion matrix accumulated over the split.
+
+Per image, eval also keeps one K x K confusion matrix (`PerImage`); these matrices sum to the
+split's matrix (ignored pixels count in neither) and give `per_image.csv`, one row per image
+and class, and `worst_images.png`, the k worst images.
+
+Per-image rule for a class absent from an image's truth (the same formulas as the split's,
+`segtrain.metrics.metrics_from_confusion`, on the image's own counts; an empty cell is an
+undefined value, not counted in any mean):
+
+- absent from both truth and prediction: not counted, every ratio cell empty;
+- predicted but absent from the truth: IoU 0, Dice 0, precision 0, recall empty;
+- present in the truth but never predicted: IoU 0, Dice 0, recall 0, precision empty.
+
+Ranking of the worst images: an image's score is the mean IoU over the foreground classes
+(every class but class 0) that count in it (present in its truth or its prediction); the
+lowest score is the worst; ties keep the split's order; images where no foreground class
+counts (nothing to find and nothing found) have no score and rank after every scored image.
 """
 
 from __future__ import annotations
@@ -10,6 +27,7 @@ from typing import Optional
 import click
 import numpy as np
 
+from segtrain.atomic import write_csv
 from segtrain.config import Config
 from segtrain.data.discovery import Pair, find_pairs
 from segtrain.data.images import read_image
@@ -20,11 +38,99 @@ from segtrain.predict import Predictor
 from segtrain.runs import resolve_checkpoint, run_config
 
 
+DEFAULT_WORST = 6
+
+
+def per_image_rows(name: str, cm: np.ndarray, class_names) -> list[dict]:
+    """The per_image.csv rows of one image from its K x K confusion matrix (rows true, columns predicted).
+
+    One row per class: iou, dice, precision, recall (None, an empty cell, when undefined: see the
+    module docstring for the absent-class rule), support (true pixels), predicted (pixels
+    predicted as the class) and true_positives.
+    """
+    from segtrain.metrics import _class_metrics
+
+    cm = np.asarray(cm, dtype=np.int64)
+    support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+    rows = []
+    for c, class_name in enumerate(class_names):
+        m = _class_metrics(int(tp[c]), int(predicted[c] - tp[c]), int(support[c] - tp[c]))
+        rows.append({"image": name, "class": str(class_name),
+                     **{key: m[key] for key in ("iou", "dice", "precision", "recall")},
+                     "support": int(support[c]), "predicted": int(predicted[c]), "true_positives": int(tp[c])})
+    return rows
+
+
+def foreground_score(cm: np.ndarray) -> Optional[float]:
+    """Mean IoU over the foreground classes (1..K-1) that count in an image (tp + fp + fn > 0); None if none does."""
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = np.diag(cm)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+    counted = [c for c in range(1, len(cm)) if union[c] > 0]
+    if not counted:
+        return None
+    return float(np.mean([tp[c] / union[c] for c in counted]))
+
+
+def _rank_key(score: Optional[float], index: int):
+    """Worst first: scored images by ascending score, then unscored ones; ties in split order."""
+    return (score is None, 0.0 if score is None else score, index)
+
+
+class PerImage:
+    """Per-image confusion matrices, in the split's order, plus the `worst` lowest-ranked images' arrays
+    (image, truth, prediction) for the gallery; the arrays of the others are not kept."""
+
+    def __init__(self, class_names, worst: int = DEFAULT_WORST):
+        self.class_names = [str(n) for n in class_names]
+        self.worst = int(worst)
+        self.names: list[str] = []
+        self.matrices: list[np.ndarray] = []
+        self.scores: list[Optional[float]] = []
+        self._kept: list[dict] = []
+
+    def add(self, name: str, truth: np.ndarray, labels: np.ndarray, image: Optional[np.ndarray] = None) -> np.ndarray:
+        """Count one image (ignored pixels count nowhere); returns its K x K matrix."""
+        from segtrain.metrics import confusion_matrix_np
+
+        cm = confusion_matrix_np(truth, labels, len(self.class_names))
+        index = len(self.names)
+        score = foreground_score(cm)
+        self.names.append(str(name))
+        self.matrices.append(cm)
+        self.scores.append(score)
+        if self.worst > 0 and image is not None:
+            self._kept.append({"index": index, "image_name": str(name), "score": score, "image": image,
+                               "truth": np.asarray(truth), "labels": np.asarray(labels)})
+            self._kept.sort(key=lambda e: _rank_key(e["score"], e["index"]))
+            del self._kept[self.worst:]
+        return cm
+
+    def total(self) -> np.ndarray:
+        """The sum of the per-image matrices: the split's confusion matrix."""
+        k = len(self.class_names)
+        return np.sum(self.matrices, axis=0, dtype=np.int64) if self.matrices else np.zeros((k, k), np.int64)
+
+    def rows(self) -> list[dict]:
+        """Every per_image.csv row: images in the split's order, classes in index order."""
+        return [row for name, cm in zip(self.names, self.matrices) for row in per_image_rows(name, cm, self.class_names)]
+
+    def ranking(self) -> list[dict]:
+        """Every image worst first: [{"image", "mean_foreground_iou"}]."""
+        order = sorted(range(len(self.names)), key=lambda i: _rank_key(self.scores[i], i))
+        return [{"image": self.names[i], "mean_foreground_iou": self.scores[i]} for i in order]
+
+    def worst_images(self) -> list[dict]:
+        """The kept worst images, worst first: {"image_name", "score", "image", "truth", "labels"}."""
+        return list(self._kept)
+
+
 def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping, max_pixels: int,
-                   relaxed=None):
+                   relaxed=None, per_image: Optional[PerImage] = None):
     """(K x K confusion matrix, foreground probability histogram or None) over all pairs.
 
-    `relaxed`, a RelaxedPrecisionRecall accumulator (two classes), is fed every mask too.
+    `relaxed`, a RelaxedPrecisionRecall accumulator (two classes), is fed every mask too;
+    `per_image`, a `PerImage`, gets every image's matrix (and the arrays of the worst ones).
     """
     from tqdm import tqdm
 
@@ -38,7 +144,10 @@ def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping
         truth = load_mask(pair, mapping, max_pixels)
         probabilities = predictor.probabilities(image)
         labels = predictor.labels(probabilities)
-        cm += confusion_matrix_np(truth, labels, num_classes)
+        if per_image is not None:
+            cm += per_image.add(pair.stem, truth, labels, image)
+        else:
+            cm += confusion_matrix_np(truth, labels, num_classes)
         if histogram is not None:
             histogram.update(probabilities[..., 1], truth)
         if relaxed is not None:
@@ -46,13 +155,20 @@ def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping
     return cm, histogram
 
 
-def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix) -> None:
-    """per_class.csv, confusion_matrix.png and, for two classes, pr_curve.png."""
+def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix, per_image: Optional[PerImage] = None) -> None:
+    """per_class.csv, confusion_matrix.png, for two classes pr_curve.png, and with `per_image`
+    per_image.csv and (when it kept images) worst_images.png, whose ranking goes into metrics["worst_images"]."""
     from segtrain.metrics import best_f1_threshold, least_cost_threshold, pr_curve
-    from segtrain.reports import plot_confusion_matrix, plot_pr_curve, write_per_class_csv
+    from segtrain.reports import plot_confusion_matrix, plot_pr_curve, plot_worst_images, write_per_class_csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_per_class_csv(metrics, out_dir / "per_class.csv")
+    if per_image is not None:
+        write_csv(per_image.rows(), out_dir / "per_image.csv")
+        worst = per_image.worst_images()
+        if worst:
+            plot_worst_images(worst, metrics["classes"], out_dir / "worst_images.png")
+            metrics["worst_images"] = [{"image": e["image_name"], "mean_foreground_iou": e["score"]} for e in worst]
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), metrics["classes"], out_dir / "confusion_matrix.png")
     if histogram is not None:
         curve = pr_curve(histogram)
@@ -65,8 +181,10 @@ def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix) -> None:
 
 def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: MaskMapping, out_dir: Path,
                  decision: Optional[str] = None, threshold: Optional[float] = None,
-                 relaxed_rho: Optional[float] = None, log=click.echo) -> dict:
-    """Evaluate a saved model on pairs, print the table, write reports into out_dir; return the metrics."""
+                 relaxed_rho: Optional[float] = None, log=click.echo, worst: int = DEFAULT_WORST) -> dict:
+    """Evaluate a saved model on pairs, print the table, write reports into out_dir; return the metrics.
+
+    `worst`: rows of worst_images.png (0: no gallery; per_image.csv is always written)."""
     from segtrain.metrics import RelaxedPrecisionRecall, metrics_from_confusion
     from segtrain.reports import format_metrics_table
 
@@ -74,13 +192,14 @@ def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: M
     if relaxed_rho is not None and len(config.data.classes) != 2:
         raise ConfigError("--relaxed: relaxed precision and recall are defined for two classes only.")
     relaxed = RelaxedPrecisionRecall(relaxed_rho) if relaxed_rho is not None else None
-    cm, histogram = evaluate_pairs(predictor, pairs, mapping, config.data.max_image_pixels, relaxed)
+    per_image = PerImage(config.data.classes, worst)
+    cm, histogram = evaluate_pairs(predictor, pairs, mapping, config.data.max_image_pixels, relaxed, per_image)
     metrics = metrics_from_confusion(cm, config.data.classes, predictor.cost_matrix)
     if relaxed is not None:
         metrics["relaxed"] = relaxed.result()
     metrics["decision"] = {"rule": predictor.decision, "threshold": predictor.threshold}
     metrics["model"] = str(model_path)
-    write_reports(metrics, histogram, out_dir, predictor.cost_matrix)
+    write_reports(metrics, histogram, out_dir, predictor.cost_matrix, per_image)
     log(format_metrics_table(metrics))
     if relaxed is not None:
         r = metrics["relaxed"]
@@ -95,8 +214,11 @@ def _fmt(value) -> str:
 
 def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], split: Optional[str],
                         out_dir: Optional[Path], decision: Optional[str], threshold: Optional[float],
-                        relaxed_rho: Optional[float] = None, log=click.echo) -> dict:
-    """`segtrain eval`: metrics of a run's model on a labelled split (default: the run's data.val_split)."""
+                        relaxed_rho: Optional[float] = None, log=click.echo, worst: int = DEFAULT_WORST) -> dict:
+    """`segtrain eval`: metrics of a run's model on a labelled split (default: the run's data.val_split).
+
+    Writes metrics.json, per_class.csv, per_image.csv (see the module docstring for the absent-class
+    rule) and the plots, worst_images.png with the `worst` lowest-ranked images, into out_dir."""
     from segtrain.atomic import write_json
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
@@ -108,9 +230,10 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
     pairs = find_pairs(config.data.root, split)
     mapping = MaskMapping(config.data.mask, config.data.classes)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"eval_{split}"
-    metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, decision, threshold, relaxed_rho, log=log)
+    metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, decision, threshold, relaxed_rho, log=log,
+                           worst=worst)
     metrics["split"] = split
     metrics["data_root"] = str(config.data.root)
     write_json(metrics, out_dir / "metrics.json")
-    log(f"Wrote {out_dir / 'metrics.json'}, per_class.csv and plots.")
+    log(f"Wrote {out_dir / 'metrics.json'}, per_class.csv, per_image.csv and plots.")
     return metrics

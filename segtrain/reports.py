@@ -1,4 +1,5 @@
-"""Reports of a run: the metrics table, the per-class CSV and PNG plots.
+"""Reports of a run: the metrics table, the per-class CSV and PNG plots (confusion matrix, PR curve,
+training history, the gallery of the worst images).
 
 Every file is written atomically (through `segtrain.atomic`: a temporary file in the same
 folder, then `os.replace`), so a killed run never leaves a half-written report. Matplotlib is
@@ -130,6 +131,52 @@ def plot_confusion_matrix(cm, class_names, path):
             text = f"{norm[i, j]:.2f}" + (f"\n({int(cm[i, j])})" if k <= 10 else "")
             ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
                     color="white" if norm[i, j] > 0.5 else "black")
+    _save_figure(fig, path)
+
+
+def _display_rgb(image):
+    """An H x W x C image of 0..255 values as H x W x 3 uint8 for display (grey repeated, extra channels dropped)."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[..., None]
+    rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def plot_worst_images(entries, class_names, path):
+    """A gallery PNG, one row per image (worst first): image | truth overlay | prediction overlay.
+
+    Args:
+        entries: dicts with "image_name", "score" (mean foreground IoU or None), "image"
+            (H x W x C, 0..255), "truth" (H x W class indices, ignored pixels -1, shown grey) and
+            "labels" (H x W predicted classes), as `segtrain.evaluate.PerImage.worst_images` gives.
+        class_names: the K class names (class 0 untinted; the others in the colours of
+            `segtrain predict --overlay`).
+        path: output PNG. Its height grows with the number of rows (3 inches, 300 pixels, a row).
+    """
+    from segtrain.labels import IGNORE_INDEX
+    from segtrain.predict import _overlay
+
+    if not entries:
+        raise ValueError("no images to draw")
+    k = len(class_names)
+    fig = _new_figure((9.0, 3.0 * len(entries)))
+    for row, entry in enumerate(entries):
+        rgb = _display_rgb(entry["image"])
+        truth = np.asarray(entry["truth"])
+        ignored = truth == IGNORE_INDEX
+        truth_panel = _overlay(rgb, np.where(ignored, 0, truth), k)
+        truth_panel[ignored] = (truth_panel[ignored] * 0.5 + 64).astype(np.uint8)
+        score = entry["score"]
+        shown = "no foreground" if score is None else f"fg IoU {score:.3f}"
+        panels = ((rgb, f"{row + 1}. {entry['image_name']}"), (truth_panel, "truth"),
+                  (_overlay(rgb, np.asarray(entry["labels"]), k), f"prediction ({shown})"))
+        for col, (picture, title) in enumerate(panels):
+            ax = fig.add_subplot(len(entries), 3, 3 * row + col + 1)
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+    fig.suptitle("Worst images (mean foreground IoU, lowest first)", fontsize=11)
     _save_figure(fig, path)
 
 
