@@ -8,7 +8,7 @@ from segtrain.data.discovery import find_pairs
 from segtrain.data.masks import MaskMapping
 from segtrain.data.scan import load_mask
 from segtrain.errors import DataError
-from tests.helpers import SHARED_DATASETS, write_pair
+from tests.helpers import REPO, SHARED_DATASETS, write_pair
 
 
 def test_size_mismatch_names_the_mask(tmp_path):
@@ -21,7 +21,6 @@ def test_size_mismatch_names_the_mask(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATASETS / "membrane").is_dir(), reason="shared data sets not present")
 def test_membrane_mapping_makes_membrane_the_minority():
     from segtrain.config import load_config
-    from tests.helpers import REPO
 
     config = load_config(REPO / "configs" / "membrane.yaml")
     mapping = MaskMapping(config.data.mask, config.data.classes)
