@@ -93,16 +93,20 @@ def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Foreground probability threshold (two classes); implies --decision threshold.")
 @click.option("--tta/--no-tta", default=None, help="Average over flips (default: the config's predict.tta).")
-@click.option("--probabilities", is_flag=True, help="Also write per-class probability maps (PNG, 0..255).")
+@click.option("--probabilities", is_flag=True, help="Also write the class probabilities (see --probabilities-format).")
+@click.option("--probabilities-format", type=click.Choice(["png", "npy"]), default=None,
+              help="png (default): <stem>_prob_<class>.png, 8-bit 0..255; npy: <stem>.npy, float32 H x W x K, "
+                   "exact. Implies --probabilities.")
 @click.option("--overlay", is_flag=True, help="Also write a colour overlay of the mask on the image.")
-def predict(images, checkpoint, out, decision, threshold, tta, probabilities, overlay):
+def predict(images, checkpoint, out, decision, threshold, tta, probabilities, probabilities_format, overlay):
     """Write one mask per image in IMAGES (files or folders): same stem, same size, training encoding."""
     _import_tensorflow_quietly()
     from segtrain.predict import collect_images, predict_images
 
     decision = _decision_from_options(decision, threshold)
     predict_images(collect_images(list(images)), checkpoint, Path(out) if out else None, decision, threshold, tta,
-                   probabilities, overlay)
+                   probabilities or probabilities_format is not None, overlay,
+                   probabilities_format=probabilities_format or "png")
 
 
 @cli.command(short_help="Check the data set and print class statistics and weights.")

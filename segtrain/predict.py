@@ -22,6 +22,9 @@ from segtrain.errors import CheckpointError, DataError
 from segtrain.runs import load_model, resolve_checkpoint, run_config
 
 
+PROBABILITY_FORMATS = ("png", "npy")
+
+
 def tile_size(config: Config) -> int:
     """predict.tile_size, or twice the training crop, or 512; a multiple of 2**depth."""
     divisor = 2**config.model.depth
@@ -121,12 +124,17 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 def predict_images(images: list[Path], checkpoint: Optional[str], out_dir: Optional[Path],
                    decision: Optional[str], threshold: Optional[float], tta: Optional[bool],
-                   probabilities: bool, overlay: bool, log=click.echo) -> Path:
+                   probabilities: bool, overlay: bool, log=click.echo, probabilities_format: str = "png") -> Path:
     """Write one mask per image (same stem, same size, training encoding) into out_dir (default: RUN/predictions).
 
-    With `probabilities` also `<stem>_prob_<class>.png` (0..255; the foreground only for two
-    classes), with `overlay` also `<stem>_overlay.png`.
+    With `probabilities` also the class probabilities, as `probabilities_format` says:
+    "png" (default): `<stem>_prob_<class>.png`, 8-bit (round(255 p); the foreground only for two
+    classes), so one grey level is 1/255 ~ 0.004 of probability; "npy": `<stem>.npy`, the exact
+    float32 array H x W x K (every class, two for two classes) that `Predictor.probabilities` gives
+    and the decision rule reads, at the input's size. With `overlay` also `<stem>_overlay.png`.
     """
+    if probabilities_format not in PROBABILITY_FORMATS:
+        raise ValueError(f"probabilities_format must be one of {PROBABILITY_FORMATS}, not {probabilities_format!r}")
     from tqdm import tqdm
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
@@ -137,9 +145,17 @@ def predict_images(images: list[Path], checkpoint: Optional[str], out_dir: Optio
     _check_outputs(images, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in tqdm(images, desc="predicting", unit="image", disable=None):
-        _predict_one(predictor, mapping, path, out_dir, probabilities, overlay)
+        _predict_one(predictor, mapping, path, out_dir, probabilities_format if probabilities else None, overlay)
     log(f"Wrote {len(images)} mask(s) to {out_dir} (model {model_path}, decision {predictor.decision}).")
     return out_dir
+
+
+def write_npy_atomic(array: np.ndarray, path: Path) -> None:
+    """`np.save` through `segtrain.atomic.atomic_path`: a killed run leaves no half-written array."""
+    from segtrain.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def _check_outputs(images: list[Path], out_dir: Path) -> None:
@@ -152,15 +168,18 @@ def _check_outputs(images: list[Path], out_dir: Path) -> None:
         raise DataError(f"{out_dir}: this folder holds input images; write the masks elsewhere with --out.")
 
 
-def _predict_one(predictor: Predictor, mapping: MaskMapping, path: Path, out_dir: Path, probabilities: bool,
-                 overlay: bool) -> None:
-    """The mask of one image (and its probability maps and overlay when asked), written atomically."""
+def _predict_one(predictor: Predictor, mapping: MaskMapping, path: Path, out_dir: Path,
+                 probabilities: Optional[str], overlay: bool) -> None:
+    """The mask of one image (and its probabilities, in the format `probabilities` names, and overlay when
+    asked), written atomically."""
     classes = predictor.config.data.classes
     image = read_image(path, predictor.channels, predictor.config.data.max_image_pixels)
     probs = predictor.probabilities(image)
     labels = predictor.labels(probs)
     write_png_atomic(mapping.encode(labels), out_dir / f"{path.stem}.png")
-    if probabilities:
+    if probabilities == "npy":
+        write_npy_atomic(np.asarray(probs, dtype=np.float32), out_dir / f"{path.stem}.npy")
+    elif probabilities:
         for cls, name in enumerate(classes):
             if len(classes) == 2 and cls == 0:
                 continue
