@@ -54,11 +54,13 @@ class ClassCounter:
         num_images: images seen.
     """
 
-    def __init__(self, num_classes):
+    def __init__(self, num_classes, locations=None):
         self.num_classes = int(num_classes)
         self.counts = np.zeros(self.num_classes, np.int64)
         self.image_pixels = np.zeros(self.num_classes, np.int64)
         self.num_images = 0
+        self.locations = locations
+        """Optional `segtrain.data.sampling.ClassLocations` fed the same masks (class-aware sampling)."""
 
     def update(self, mask):
         """Add one image's mask of class indices (IGNORE_INDEX pixels are skipped)."""
@@ -77,6 +79,8 @@ class ClassCounter:
         self.counts += counts
         self.image_pixels[counts > 0] += values.size
         self.num_images += 1
+        if self.locations is not None:
+            self.locations.update(mask)
         return self
 
     def update_batch(self, masks):
@@ -180,7 +184,8 @@ def scale_weights(raw, frequencies, max_weight=None):
 
 
 def _compute(strategy, counts, image_pixels=None, max_weight=None, class_names=None):
-    counts = np.asarray(counts, np.int64)
+    counts = np.asarray(counts)
+    counts = counts.astype(np.int64) if counts.dtype.kind in "iub" else counts.astype(np.float64)  # sampled: floats
     k = counts.size
     names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
     if not isinstance(strategy, str):
@@ -227,44 +232,76 @@ def _json_floats(values):
     return [None if not math.isfinite(v) else float(v) for v in np.asarray(values, float)]
 
 
-def class_stats_dict(counter, class_names, strategy="none", max_weight=None):
+def sampled_counts(counter):
+    """Expected pixels of each class per training crop under class-aware sampling, and expected valid pixels of
+    the crops holding each class (`ClassLocations.expected_counts`); None without sampling."""
+    locations = getattr(counter, "locations", None)
+    return None if locations is None else locations.expected_counts()
+
+
+def class_stats_dict(counter, class_names, strategy="none", max_weight=None, weights_from="sampled"):
     """JSON-ready class statistics and the weights of every strategy.
 
+    `weights_from` picks the frequencies the strategies use: "data" (the training set's pixels) or "sampled"
+    (the pixels expected in training crops under the counter's class-aware sampling; the same as "data"
+    when the counter has none).
+
     Returns:
-        `{"classes", "counts", "frequencies", "weights": {strategy: scaled weights, for
-        every name in STRATEGIES}, "image_pixels", "num_images", "total_pixels",
-        "strategy", "max_weight", "raw_weights", "class_weights", "warnings"}`;
-        `raw_weights` / `class_weights` are those of `strategy` (unscaled with null for
-        absent classes / final), `warnings` the messages about absent classes.
+        `{"classes", "counts", "frequencies", "sampled_frequencies", "weights": {strategy: scaled weights, for
+        every name in STRATEGIES}, "image_pixels", "num_images", "total_pixels", "strategy", "max_weight",
+        "class_weights_from", "raw_weights", "class_weights", "warnings"}`, and with sampling "sampling"
+        ({class: share}) and "sampled_counts" (expected pixels per crop); `raw_weights` / `class_weights` are
+        those of `strategy` (unscaled with null for absent classes / final), `warnings` the messages about
+        absent classes.
     """
     class_names = list(class_names)
-    counts = counter.counts
+    counts, image_pixels = counter.counts, counter.image_pixels
+    sampled = sampled_counts(counter)
+    if weights_from not in ("data", "sampled"):
+        raise ConfigError(f"loss.class_weights_from: expected data or sampled, got {weights_from!r}.")
+    if sampled is not None and weights_from == "sampled":
+        counts, image_pixels = sampled
     raw, chosen, messages = _compute(
-        strategy, counts, counter.image_pixels, max_weight, class_names
+        strategy, counts, image_pixels, max_weight, class_names
     )
     table = {
-        name: _json_floats(_compute(name, counts, counter.image_pixels, max_weight)[1])
+        name: _json_floats(_compute(name, counts, image_pixels, max_weight)[1])
         for name in STRATEGIES
     }
-    return {
+    if sampled is None:
+        sampled_frequencies = counter.frequencies
+    else:
+        total = sampled[0].sum()
+        sampled_frequencies = sampled[0] / total if total else np.zeros(counter.num_classes)
+    stats = {
         "classes": class_names,
-        "counts": [int(c) for c in counts],
+        "counts": [int(c) for c in counter.counts],
         "frequencies": _json_floats(counter.frequencies),
+        "sampled_frequencies": _json_floats(sampled_frequencies),
         "weights": table,
         "image_pixels": [int(c) for c in counter.image_pixels],
         "num_images": int(counter.num_images),
         "total_pixels": counter.total,
         "strategy": strategy if isinstance(strategy, str) else "explicit",
         "max_weight": None if max_weight is None else float(max_weight),
+        "class_weights_from": weights_from,
         "raw_weights": _json_floats(raw),
         "class_weights": _json_floats(chosen),
         "warnings": messages,
     }
+    if sampled is not None:
+        locations = counter.locations
+        stats["sampling"] = {class_names[c]: s for c, s in zip(locations.classes, locations.shares)}
+        stats["sampled_counts"] = _json_floats(sampled[0])
+    return stats
 
 
 def format_stats_table(stats):
     """Aligned plain-text table of `class_stats_dict` output; the chosen strategy has a *."""
     headers = ["class", "pixels", "frequency"]
+    sampling = "sampling" in stats  # the frequencies expected in training crops under data.sampling
+    if sampling:
+        headers.append("sampled")
     chosen = stats.get("strategy")
     columns = list(stats["weights"])
     headers += [name + ("*" if name == chosen else "") for name in columns]
@@ -272,6 +309,9 @@ def format_stats_table(stats):
     for i, name in enumerate(stats["classes"]):
         freq = stats["frequencies"][i]
         row = [name, str(stats["counts"][i]), "-" if freq is None else f"{freq:.6f}"]
+        if sampling:
+            sampled = stats["sampled_frequencies"][i]
+            row.append("-" if sampled is None else f"{sampled:.6f}")
         for column in columns:
             w = stats["weights"][column][i]
             row.append("-" if w is None else f"{w:.4f}")
@@ -291,4 +331,9 @@ def format_stats_table(stats):
     total = stats.get("total_pixels")
     if total is not None:
         out.append(f"{stats.get('num_images', 0)} images, {total} labelled pixels")
+    if sampling:
+        shares = ", ".join(f"{name} {share:g}" for name, share in stats["sampling"].items())
+        source = "sampled" if stats.get("class_weights_from", "sampled") == "sampled" else "data"
+        out.append(f"sampled: class frequencies expected in training crops under data.sampling ({shares}); "
+                   f"weights from the {source} frequencies (loss.class_weights_from: {source})")
     return "\n".join(out)

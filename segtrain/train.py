@@ -26,6 +26,9 @@ from segtrain.errors import CheckpointError, DataError
 from segtrain.history import read_history
 from segtrain.runs import RUN_INFO, check_run_dir, prepare_run_dir, save_model_atomic
 
+LOCATIONS_FILE = "class_locations.npz"
+"""Where each sampled class lies (data.sampling), recorded by the class-statistics pass; read back on resume."""
+
 
 @dataclass
 class PreparedData:
@@ -37,14 +40,19 @@ class PreparedData:
     channels: int
     class_stats: dict
     class_weights: Optional[np.ndarray]
+    locations: Optional[object] = None
+    """`segtrain.data.sampling.ClassLocations` of the training pairs with data.sampling, else None."""
 
 
-def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> PreparedData:
+def prepare_data(config: Config, cached_stats: Optional[dict] = None,
+                 cached_locations: Optional[Path] = None) -> PreparedData:
     """Find and check every pair, and count class pixels over the whole training set in one pass.
 
     On resume the counts cached in class_stats.json are reused (and the files are not
     checked again); the weights are always recomputed from the counts, so they follow the
-    config's current loss.class_weights.
+    config's current loss.class_weights. With data.sampling the same pass records where each
+    sampled class lies; on resume those locations are read from `cached_locations`
+    (class_locations.npz).
     """
     from segtrain.class_weights import ClassCounter, class_stats_dict
 
@@ -65,14 +73,34 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None) -> Prepare
         val_pairs = find_pairs(data.root, data.val_split)
         mapping = MaskMapping(data.mask, data.classes)
         channels = image_channels(train_pairs[0].image)
-        counter = ClassCounter(len(data.classes))
+        counter = ClassCounter(len(data.classes), _cached_locations(data, cached_locations, len(train_pairs)))
         counter.counts[:] = cached_stats["counts"]
         counter.image_pixels[:] = cached_stats["image_pixels"]
         counter.num_images = cached_stats["num_images"]
     strategy = config.loss.class_weights
-    stats = class_stats_dict(counter, data.classes, strategy, config.loss.max_weight)
+    stats = class_stats_dict(counter, data.classes, strategy, config.loss.max_weight, config.loss.class_weights_from)
     weights = None if strategy == "none" else np.asarray(stats["class_weights"], dtype=np.float32)
-    return PreparedData(train_pairs, val_pairs, mapping, channels, stats, weights)
+    return PreparedData(train_pairs, val_pairs, mapping, channels, stats, weights, counter.locations)
+
+
+def _cached_locations(data, path: Optional[Path], num_pairs: int):
+    """On resume with data.sampling, the class locations the run recorded (class_locations.npz), checked."""
+    from segtrain.data.sampling import ClassLocations, class_shares, new_locations
+
+    if new_locations(data) is None:
+        if path is not None and path.is_file():
+            raise CheckpointError(f"data.sampling: the run was trained with class-aware sampling ({path.name}) but "
+                                  "the config has none. Resume with the run's own config.yaml, or start a new run.")
+        return None
+    if path is None or not path.is_file():
+        raise CheckpointError(f"data.sampling: the run has no class_locations.npz (was it trained without "
+                              "data.sampling?). Resume with the run's own config.yaml, or start a new run with --out.")
+    locations = ClassLocations.load(path)
+    if not locations.matches(class_shares(data), data.crop, data.resize) or locations.num_images != num_pairs:
+        raise CheckpointError(f"data.sampling: {path} was recorded for other sampling settings (shares, crop, resize "
+                              "or training images) than the config's. Resume with the run's own config.yaml, or "
+                              "start a new run with --out.")
+    return locations
 
 
 # ---------------------------------------------------------------------------- fit
@@ -91,7 +119,7 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
     from segtrain.engine.setup import build_engine
 
     configure_cpu_devices()  # before anything initialises TensorFlow
-    prepared = prepare_data(config, _cached_stats(run_dir, resume))
+    prepared = prepare_data(config, _cached_stats(run_dir, resume), run_dir / LOCATIONS_FILE if resume else None)
     for warning in prepared.class_stats.get("warnings", []):
         log(f"warning: {warning}")
     # The strategy first: MultiWorkerMirroredStrategy must configure collectives before TF initialises.
@@ -119,9 +147,12 @@ def _cached_stats(run_dir: Path, resume: bool) -> Optional[dict]:
 
 def _write_run_header(config: Config, prepared: PreparedData, engine, run_dir: Path, resume: bool, overwrite: bool,
                       config_path: Optional[Path]) -> None:
-    """Create (or replace) the run folder and write config.yaml, class_stats.json and run.json."""
+    """Create (or replace) the run folder and write config.yaml, class_stats.json (and class_locations.npz with
+    data.sampling) and run.json."""
     prepare_run_dir(run_dir, resume, overwrite)
     save_config(config, run_dir / "config.yaml")
+    if prepared.locations is not None:  # before class_stats.json, whose presence means a resume reuses both
+        prepared.locations.save(run_dir / LOCATIONS_FILE)
     write_json(prepared.class_stats, run_dir / "class_stats.json")
     write_json({"in_channels": prepared.channels, "num_classes": len(config.data.classes),
                 "precision": engine.policy, "replicas": engine.replicas,

@@ -2,7 +2,10 @@
 
 Training randomness is stateless and keyed by (seed, element index), and the shuffle
 order is fixed by the seed, so a resumed run that skips the elements it has already
-seen sees exactly the same batches as an uninterrupted one.
+seen sees exactly the same batches as an uninterrupted one. Class-aware sampling
+(`data.sampling`) is drawn the same way (`sampled_centre`): each element carries the
+index of its image, which selects that image's recorded class coordinates from a constant
+table (`segtrain.data.sampling.ClassLocations`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from segtrain.config import DataConfig
 from segtrain.data.discovery import Pair
 from segtrain.data.images import read_image
 from segtrain.data.masks import MaskMapping
+from segtrain.data.sampling import ClassLocations
 from segtrain.data.scan import load_mask
 from segtrain.labels import IGNORE_INDEX
 
@@ -33,6 +37,8 @@ class DataSpec:
     channels: int
     divisor: int
     seed: int = 0
+    locations: Optional[ClassLocations] = None
+    """Where the sampled classes lie in the training images (with data.sampling), in the order of the pairs."""
 
 
 def _decode_fn(spec: DataSpec):
@@ -42,7 +48,7 @@ def _decode_fn(spec: DataSpec):
         mask = load_mask(pair, spec.mapping, spec.data.max_image_pixels)
         return image, mask
 
-    def tf_decode(image_path, mask_path):
+    def tf_decode(image_path, mask_path, *image_index):
         image, mask = tf.numpy_function(decode, [image_path, mask_path], [tf.float32, tf.int32], stateful=False)
         image.set_shape([None, None, spec.channels])
         mask.set_shape([None, None])
@@ -50,14 +56,17 @@ def _decode_fn(spec: DataSpec):
             size = spec.data.resize
             image = tf.image.resize(image, size, method="bilinear")
             mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
-        return image, mask
+        return (image, mask, *image_index)
 
     return tf_decode
 
 
-def _file_dataset(pairs: list[Pair]) -> tf.data.Dataset:
+def _file_dataset(pairs: list[Pair], with_index: bool = False) -> tf.data.Dataset:
+    """(image path, mask path), and the pair's index in `pairs` when `with_index`."""
     images = [str(p.image) for p in pairs]
     masks = [str(p.mask) for p in pairs]
+    if with_index:
+        return tf.data.Dataset.from_tensor_slices((images, masks, tf.range(len(pairs), dtype=tf.int32)))
     return tf.data.Dataset.from_tensor_slices((images, masks))
 
 
@@ -71,14 +80,22 @@ def _pad_to_at_least(image, mask, height, width):
     return image, mask
 
 
-def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool):
-    """Random crop, flips and 90-degree turns of image and mask by one call, from a stateless seed."""
+def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool, centre=None):
+    """Random crop, flips and 90-degree turns of image and mask by one call, from a stateless seed.
+
+    `centre` (class-aware sampling, with a crop): `(centred, row, col)` tensors from `sampled_centre`; when
+    `centred` is true the crop is centred on (row, col), clipped to the image, instead of placed uniformly.
+    """
     seeds = tf.random.experimental.stateless_split(seed, 5)
     if crop is not None:
         image, mask = _pad_to_at_least(image, mask, crop, crop)
         shape = tf.shape(mask)
         top = tf.random.stateless_uniform([], seeds[0], 0, shape[0] - crop + 1, dtype=tf.int32)
         left = tf.random.stateless_uniform([], seeds[1], 0, shape[1] - crop + 1, dtype=tf.int32)
+        if centre is not None:
+            centred, row, col = centre
+            top = tf.where(centred, tf.clip_by_value(row - crop // 2, 0, shape[0] - crop), top)
+            left = tf.where(centred, tf.clip_by_value(col - crop // 2, 0, shape[1] - crop), left)
         image = image[top : top + crop, left : left + crop]
         mask = mask[top : top + crop, left : left + crop]
     stacked = tf.concat([image, tf.cast(mask[..., None], image.dtype)], axis=-1)
@@ -96,6 +113,48 @@ def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool):
     return image, mask
 
 
+class SamplingTable:
+    """Class-aware sampling as constant tensors: each image's recorded coordinates per sampled class, their
+    counts, and the cumulative shares."""
+
+    def __init__(self, locations: ClassLocations):
+        self.points = tf.constant(locations.points, tf.int32)  # (images, sampled classes, max points, 2)
+        self.counts = tf.constant(locations.counts, tf.int32)  # (images, sampled classes)
+        self.cumulative = tf.constant(list(_cumulative(locations.shares)), tf.float64)
+        self.num_sampled = len(locations.classes)
+
+
+def _cumulative(shares):
+    total = 0.0
+    for share in shares:
+        total += share
+        yield total
+
+
+SAMPLING_STREAM = 1
+"""fold_in key of the sampling draw: its own random stream beside the crop/flip/turn seeds of `augment`."""
+
+
+def sampled_centre(seed, image_index, table: SamplingTable):
+    """The class-aware draw of one element: `(centred, row, col)`.
+
+    A stateless uniform u in [0, 1) picks sampled class j when `cum[j-1] <= u < cum[j]` (cum: the cumulative
+    shares), or a uniform crop when u >= the sum of the shares; a second stateless draw picks one of the
+    image's recorded coordinates of that class. `centred` is false for a uniform crop and for an image that
+    holds none of the drawn class (the fallback). A pure function of (seed, image index) and the table.
+    """
+    key = tf.cast(tf.random.experimental.stateless_fold_in(seed, SAMPLING_STREAM), tf.int64)
+    seeds = tf.random.experimental.stateless_split(key, 2)
+    u = tf.random.stateless_uniform([], seeds[0], dtype=tf.float64)
+    slot = tf.reduce_sum(tf.cast(u >= table.cumulative, tf.int32))  # == num_sampled: uniform
+    clamped = tf.minimum(slot, table.num_sampled - 1)
+    count = table.counts[image_index, clamped]
+    centred = tf.logical_and(slot < table.num_sampled, count > 0)
+    k = tf.random.stateless_uniform([], seeds[1], 0, tf.maximum(count, 1), dtype=tf.int32)
+    point = table.points[image_index, clamped, k]
+    return centred, point[0], point[1]
+
+
 def steps_per_epoch(num_examples: int, batch_size: int, configured: Optional[int]) -> int:
     """Configured steps, or one pass over the training set (the last batch filled from the next pass)."""
     return configured or max(1, math.ceil(num_examples / batch_size))
@@ -106,7 +165,10 @@ def training_dataset(pairs: list[Pair], spec: DataSpec, cache_dir: Optional[Path
     """An endless dataset of augmented (image, mask) batches; `start_element` skips what was already seen."""
     data = spec.data
     decode = _decode_fn(spec)
-    ds = _file_dataset(pairs)
+    table = None if spec.locations is None else SamplingTable(spec.locations)
+    if table is not None and spec.locations.num_images != len(pairs):
+        raise ValueError(f"class locations of {spec.locations.num_images} images for {len(pairs)} training pairs")
+    ds = _file_dataset(pairs, with_index=table is not None)
     if data.cache == "none":
         ds = ds.shuffle(len(pairs), seed=spec.seed, reshuffle_each_iteration=True).repeat()
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -126,9 +188,10 @@ def training_dataset(pairs: list[Pair], spec: DataSpec, cache_dir: Optional[Path
     base_seed = tf.constant([spec.seed, 0], dtype=tf.int64)
 
     def augment_indexed(index, example):
-        image, mask = example
+        image, mask, *image_index = example
         seed = base_seed + tf.stack([tf.constant(0, tf.int64), index])
-        return augment(image, mask, seed, crop, flip, rotate90)
+        centre = None if table is None else sampled_centre(seed, image_index[0], table)
+        return augment(image, mask, seed, crop, flip, rotate90, centre)
 
     ds = ds.map(augment_indexed, num_parallel_calls=AUTOTUNE, deterministic=True)
     if crop is None:  # whole images, of any sizes

@@ -69,11 +69,14 @@ def scan_training_set(data: DataConfig, description: Optional[str] = None) -> Tr
     """Find the pairs of `data.train_split`, check every one and count its class pixels, in one pass.
 
     The channels are those of the first image (every image is read with them). `description`
-    labels a progress bar; None shows none.
+    labels a progress bar; None shows none. With `data.sampling`, the same pass records where
+    each sampled class lies (`counter.locations`, a `segtrain.data.sampling.ClassLocations`).
     """
+    from segtrain.data.sampling import new_locations
+
     pairs = find_pairs(data.root, data.train_split)
     mapping = MaskMapping(data.mask, data.classes)
     channels = image_channels(pairs[0].image)
-    counter = ClassCounter(len(data.classes))
+    counter = ClassCounter(len(data.classes), new_locations(data))
     scan_pairs(pairs, mapping, channels, data.max_image_pixels, counter, description)
     return TrainingSet(pairs, mapping, channels, counter)
