@@ -72,12 +72,12 @@ def data_config(root, sampling, **kwargs):
                       **values)
 
 
-def pipeline(root, sampling, seed=3, start_element=0, **kwargs):
+def pipeline(root, sampling, seed=3, start_element=0, cache_dir=None, **kwargs):
     """The training pipeline of `root` as fit builds it (statistics pass first), and its training pairs."""
     data = data_config(root, sampling, **kwargs)
     train = scan_training_set(data)
     spec = DataSpec(data, MaskMapping(data.mask, data.classes), train.channels, 8, seed, train.counter.locations)
-    return training_dataset(train.pairs, spec, start_element=start_element), train
+    return training_dataset(train.pairs, spec, cache_dir, start_element=start_element), train
 
 
 def crops(ds, n):
@@ -205,6 +205,15 @@ def test_share_one_centres_every_crop_on_the_class_and_falls_back_to_uniform(spo
     for i in np.flatnonzero(~holders):
         np.testing.assert_array_equal(sampled_images[i], uniform_images[i])
         np.testing.assert_array_equal(sampled_masks[i], uniform_masks[i])
+
+
+@pytest.mark.parametrize("cache", ["none", "disk"])
+def test_sampling_with_streaming_and_disk_cache(spots, tmp_path, cache):
+    images, masks = crops(pipeline(spots, {"spot": 1.0}, cache=cache, cache_dir=tmp_path / "cache")[0], 2 * N_TRAIN)
+    ids = image_ids(images)
+    assert sorted(ids) == sorted(list(range(N_TRAIN)) * 2)
+    for i in np.flatnonzero(np.isin(ids, HOLDERS)):
+        assert (masks[i] == 1).sum() > 0
 
 
 def _slot_table():
