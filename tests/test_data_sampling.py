@@ -158,6 +158,60 @@ def test_recorded_coordinates_are_pixels_of_their_class_and_bounded():
     np.testing.assert_array_equal(again.points[0], points[0])  # seeded by (seed, image index)
 
 
+def _window_histogram(mask, top, left, crop, k):
+    window = mask[top : top + crop, left : left + crop]  # a smaller image is padded with ignored pixels
+    hist = np.bincount(window[window != IGNORE_INDEX].ravel(), minlength=k).astype(float)
+    return hist, np.where(hist > 0, hist.sum(), 0.0)
+
+
+def test_window_histograms_match_a_brute_force_count():
+    """Summed-area sums against slicing every window: uniform positions, centred windows clipped to the image,
+    images smaller than the crop (padding counts nowhere) and ignored pixels."""
+    rng = np.random.default_rng(3)
+    crop, k = 8, 3
+    masks = [rng.integers(0, 3, shape).astype(np.int32) for shape in ((20, 13), (8, 30), (5, 6), (9, 9))]
+    masks[0][rng.random(masks[0].shape) < 0.2] = IGNORE_INDEX
+    masks[2][masks[2] == 2] = 0  # an image without class 2: its centred histogram falls back to uniform
+    locations = ClassLocations(k, {1: 0.25, 2: 0.5}, crop=crop, max_points=4)
+    uniform, centred = np.zeros((2, k)), np.zeros((2, 2, k))
+    for i, mask in enumerate(masks):
+        locations.update(mask)
+        h, w = mask.shape
+        windows = [_window_histogram(mask, t, l, crop, k) for t in range(max(h - crop, 0) + 1)
+                   for l in range(max(w - crop, 0) + 1)]
+        u = np.mean(windows, axis=0)
+        uniform += u
+        for j in range(2):
+            n = locations.counts[i, j]
+            if n == 0:
+                centred[:, j] += u
+                continue
+            at = [_window_histogram(mask, min(max(y - crop // 2, 0), max(h - crop, 0)),
+                                    min(max(x - crop // 2, 0), max(w - crop, 0)), crop, k)
+                  for y, x in locations.points[i, j, :n]]
+            centred[:, j] += np.mean(at, axis=0)
+    assert locations.counts[2, 1] == 0 and (locations.counts[[0, 1, 3]] == 4).all()
+    np.testing.assert_allclose(locations.uniform, uniform[0])
+    np.testing.assert_allclose(locations.uniform_holding, uniform[1])
+    np.testing.assert_allclose(locations.centred, centred[0])
+    np.testing.assert_allclose(locations.centred_holding, centred[1])
+    counts, holding = locations.expected_counts()
+    np.testing.assert_allclose(counts, (0.25 * centred[0, 0] + 0.5 * centred[0, 1] + 0.25 * uniform[0]) / 4)
+    np.testing.assert_allclose(holding, (0.25 * centred[1, 0] + 0.5 * centred[1, 1] + 0.25 * uniform[1]) / 4)
+
+
+def test_locations_round_trip_through_the_run_file(tmp_path):
+    locations = ClassLocations(3, {1: 0.25, 2: 0.5}, crop=8, resize=[10, 12])
+    for seed in range(3):
+        locations.update(np.random.default_rng(seed).integers(0, 3, (16, 16)).astype(np.int32))
+    locations.save(tmp_path / "class_locations.npz")
+    loaded = ClassLocations.load(tmp_path / "class_locations.npz")
+    for name in ("points", "counts", "uniform", "centred", "uniform_holding", "centred_holding"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(locations, name), err_msg=name)
+    assert loaded.matches({1: 0.25, 2: 0.5}, 8, [10, 12])
+    assert not loaded.matches({1: 0.25, 2: 0.4}, 8, [10, 12]) and not loaded.matches({1: 0.25, 2: 0.5}, 16, [10, 12])
+
+
 @pytest.mark.parametrize("shape, size", [((48, 48), (20, 30)), ((37, 53), (64, 16)), ((10, 7), (10, 7))])
 def test_resize_nearest_matches_tensorflow(shape, size):
     mask = np.random.default_rng(0).integers(0, 5, shape).astype(np.int32)
