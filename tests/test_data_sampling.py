@@ -477,7 +477,16 @@ def test_fit_with_sampling_and_sigterm_resume_ends_with_the_same_weights(tmp_pat
     assert json.loads((run / "class_stats.json").read_text()) == stats
 
     # resuming with other sampling settings is refused, naming the key
-    result = CliRunner().invoke(__import__("segtrain.cli", fromlist=["cli"]).cli,
-                                ["fit", str(run / "config.yaml"), "--out", str(run), "--resume",
-                                 "--set", "data.sampling.spot=0.25"])
-    assert result.exit_code == 2 and "data.sampling" in result.output
+    # the resume reads the locations back from the run folder, and refuses ones recorded for other settings
+    from segtrain.config import load_config
+    from segtrain.errors import CheckpointError
+    from segtrain.train import prepare_data
+
+    prepared = prepare_data(load_config(run / "config.yaml"), stats, run / "class_locations.npz")
+    np.testing.assert_array_equal(prepared.locations.points, ClassLocations.load(full / "class_locations.npz").points)
+    assert prepared.class_stats == stats
+    other = load_config(run / "config.yaml", ["data.sampling.spot=0.25"])
+    with pytest.raises(CheckpointError, match=r"data.sampling: .* other sampling settings"):
+        prepare_data(other, stats, run / "class_locations.npz")
+    with pytest.raises(CheckpointError, match=r"data.sampling: the run has no class_locations.npz"):
+        prepare_data(load_config(run / "config.yaml"), stats, run / "missing.npz")
