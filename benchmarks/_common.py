@@ -190,10 +190,7 @@ class SegtrainSetup:
         self.model, self.trainer, self.iterator = self.engine.model, self.engine.trainer, self.data.train_iterator
         self.loss_fn = self.trainer.loss_fn
         self.steps_per_execution, self.jit_compile = self.engine.steps_per_execution, self.engine.jit_compile
-        from segtrain.data.pipeline import DataSpec
-
-        self.spec = DataSpec(config.data, self.prepared.mapping, self.prepared.channels, 2**config.model.depth,
-                             config.train.seed)
+        self.spec = self.data.spec
 
     def run_steps(self, n: int) -> None:
         """n optimizer steps through the loop fit runs (`segtrain.engine.loop.train_epoch`)."""
@@ -261,7 +258,7 @@ def set_budget(config, total_steps: int, epochs: int = 10, validations: int = 5)
 def timed_run_fit(config, run_dir: Path) -> dict:
     """segtrain.train.run_fit; returns its final metrics (best.keras on val, as `segtrain eval`) plus
     `train_seconds` (the fit without its final evaluation) and `eval_seconds`."""
-    import segtrain.evaluate as evaluate_module
+    import segtrain.evaluation as evaluate_module
     from segtrain.train import run_fit
 
     original = evaluate_module.evaluate_run
@@ -288,7 +285,7 @@ def timed_run_fit(config, run_dir: Path) -> dict:
 
 def evaluate_model_file(model_path: Path, split: str = "val") -> dict:
     """`segtrain eval --checkpoint MODEL.keras --split val`, in process."""
-    from segtrain.evaluate import evaluate_checkpoint
+    from segtrain.evaluation import evaluate_checkpoint
 
     return evaluate_checkpoint(str(model_path), None, split, Path(model_path).parent / f"eval_{Path(model_path).stem}",
                                None, None, log=lambda *a, **k: None)

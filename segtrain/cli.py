@@ -47,20 +47,13 @@ def cli():
 def fit(config_path, overrides, out, resume, overwrite):
     """Train a model from CONFIG and write a run folder."""
     _import_tensorflow_quietly()
-    from segtrain.config import load_config
-    from segtrain.runs import check_resume_config, check_run_dir, default_run_dir
-    from segtrain.train import run_fit
+    from segtrain.api import fit as fit_run
 
-    config = load_config(config_path, list(overrides))
-    run_dir = Path(out) if out else default_run_dir(config_path)
-    check_run_dir(run_dir, resume, overwrite, multi_worker=config.train.distribute == "multi_worker")
-    if resume:
-        check_resume_config(config, run_dir)
-    metrics = run_fit(config, run_dir, resume=resume, overwrite=overwrite, config_path=Path(config_path))
-    mean_iou = metrics.get("mean_iou")
+    result = fit_run(config_path, overrides, out, resume=resume, overwrite=overwrite, log=click.echo)
+    mean_iou = result.metrics.get("mean_iou")
     shown = "n/a" if mean_iou is None else f"{mean_iou:.4f}"
-    click.echo(f"Done: {run_dir} (best.keras, last.keras, metrics.json, history.csv). "
-               f"Mean IoU on {config.data.val_split}: {shown}")
+    click.echo(f"Done: {result.run_dir} (best.keras, last.keras, metrics.json, history.csv). "
+               f"Mean IoU on {result.val_split}: {shown}")
 
 
 @cli.command("eval")
@@ -78,7 +71,7 @@ def fit(config_path, overrides, out, resume, overwrite):
 def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed_rho, worst):
     """Per-class and per-image metrics of a trained model on a labelled split."""
     _import_tensorflow_quietly()
-    from segtrain.evaluate import evaluate_checkpoint
+    from segtrain.evaluation import evaluate_checkpoint
 
     decision = _decision_from_options(decision, threshold)
     evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold, relaxed_rho,
@@ -123,7 +116,8 @@ def stats(config_path, overrides, as_json):
     config = load_config(config_path, list(overrides))
     data = config.data
     pairs, mapping, _, counter = scan_training_set(data, description=None if as_json else "counting")
-    result = class_stats_dict(counter, data.classes, config.loss.class_weights, config.loss.max_weight)
+    result = class_stats_dict(counter, data.classes, config.loss.class_weights, config.loss.max_weight,
+                              config.loss.class_weights_from)
     if as_json:
         click.echo(json_text(result))
     else:
@@ -131,6 +125,19 @@ def stats(config_path, overrides, as_json):
         click.echo(format_stats_table(result))
         for warning in result.get("warnings", []):
             click.echo(f"warning: {warning}")
+
+
+@cli.command(short_help="Export a run as SavedModel, ONNX or TFLite.")
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--format", "fmt", type=click.Choice(["saved_model", "onnx", "tflite"]), default="saved_model",
+              show_default=True, help="Model format (onnx and tflite need `pip install segtrain[export]`).")
+@click.option("--out", type=click.Path(file_okay=False), help="Export folder (default: RUN/export/<format>).")
+def export(run, fmt, out):
+    """Export RUN (a run folder or .keras file) with its decision rule and metadata.json."""
+    _import_tensorflow_quietly()
+    from segtrain.export import export_run
+
+    export_run(Path(run), fmt, Path(out) if out else None, log=click.echo)
 
 
 def _decision_from_options(decision, threshold):

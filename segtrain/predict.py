@@ -1,6 +1,6 @@
 """`segtrain predict`: find the images, load the run, predict each by tiles, decide, write the masks.
 
-`Predictor` (a loaded model plus the decision rule) is shared with `segtrain.evaluate`, so
+`Predictor` (a loaded model plus the decision rule) is shared with `segtrain.evaluation`, so
 the masks predict writes are exactly the ones eval scores. The tiled-inference math lives
 in `segtrain.inference`, the decision rules in `segtrain.decision`.
 """

@@ -149,7 +149,7 @@ def plot_worst_images(entries, class_names, path):
     Args:
         entries: dicts with "image_name", "score" (mean foreground IoU or None), "image"
             (H x W x C, 0..255), "truth" (H x W class indices, ignored pixels -1, shown grey) and
-            "labels" (H x W predicted classes), as `segtrain.evaluate.PerImage.worst_images` gives.
+            "labels" (H x W predicted classes), as `segtrain.evaluation.PerImage.worst_images` gives.
         class_names: the K class names (class 0 untinted; the others in the colours of
             `segtrain predict --overlay`).
         path: output PNG. Its height grows with the number of rows (3 inches, 300 pixels, a row).

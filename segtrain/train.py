@@ -185,7 +185,7 @@ def _train(engine, prepared: PreparedData, run_dir: Path, resume: bool, created_
 
 def _evaluate_best(engine, prepared: PreparedData, run_dir: Path, log) -> dict:
     """best.keras (last.keras if no epoch improved) on the validation split: metrics.json and the reports."""
-    from segtrain.evaluate import evaluate_run
+    from segtrain.evaluation import evaluate_run
 
     if not (run_dir / "best.keras").exists():
         save_model_atomic(engine.model, run_dir / "best.keras")

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from segtrain.evaluate import PerImage, foreground_score, write_reports
+from segtrain.evaluation import PerImage, foreground_score, write_reports
 from segtrain.metrics import metrics_from_confusion
 
 CLASSES = ["background", "road", "car"]

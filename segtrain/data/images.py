@@ -117,6 +117,33 @@ def read_image(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
     return array[..., None] if channels == 1 else array
 
 
+def as_model_input(image, channels: int) -> np.ndarray:
+    """An in-memory image as `read_image` gives a file: H x W x channels float32 on the 8-bit scale, 0..255.
+
+    uint8 is taken as it is, other integer types are scaled by their type's range (uint16 by
+    255 / 65535), floats by 255 (the [0, 1] range of a float TIFF), as for files. An H x W or
+    H x W x 1 image is repeated to three channels for an RGB model; an RGB(A) image becomes
+    gray by Pillow's luma weights for a one-channel model; an alpha channel is dropped.
+    """
+    array = np.asarray(image)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise DataError(f"expected an image array H x W or H x W x 1/3/4, got shape {array.shape}.")
+    if array.dtype == np.uint8:
+        scaled = array.astype(np.float32)
+    elif np.issubdtype(array.dtype, np.integer):
+        scaled = array.astype(np.float64) * (255.0 / np.iinfo(array.dtype).max)
+    else:
+        scaled = array.astype(np.float64) * 255.0
+    if scaled.ndim == 2:
+        scaled = scaled[..., None]
+    scaled = scaled[..., :3]
+    if channels == 1 and scaled.shape[-1] == 3:
+        scaled = (scaled @ np.array([0.299, 0.587, 0.114]))[..., None]
+    elif channels == 3 and scaled.shape[-1] == 1:
+        scaled = np.repeat(scaled, 3, axis=-1)
+    return scaled.astype(np.float32)
+
+
 def read_raw_mask(path: Path, rgb: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Raw mask values: H x W uint8 (value masks), or H x W x 3 uint8 (palette masks, rgb=True).
 

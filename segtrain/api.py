@@ -1,0 +1,133 @@
+"""segtrain from Python: `fit`, `load`, `evaluate`, doing exactly what the commands do.
+
+```python
+import segtrain
+
+result = segtrain.fit("configs/roads.yaml", overrides=["train.epochs=5"], out="runs/roads5")
+model = segtrain.load(result.run_dir)           # a run folder, a .keras file or an export folder
+prediction = model.predict(image)               # image: H x W (x C) array of raw pixels
+prediction.labels, prediction.probabilities, prediction.mask
+metrics = segtrain.evaluate(result.run_dir, split="val")
+```
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from segtrain.config import Config, load_config
+from segtrain.errors import CheckpointError
+
+
+@dataclass
+class FitResult:
+    """What `fit` leaves: the run folder and the final per-class metrics of best.keras on the val split."""
+
+    run_dir: Path
+    metrics: dict
+    val_split: str
+
+
+@dataclass
+class Prediction:
+    """One image's result: class indices (H x W), probabilities (H x W x K float32) and the mask in the training
+    encoding (H x W values, or H x W x 3 colours for palette masks)."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    mask: np.ndarray
+
+
+def fit(config: Union[str, Path], overrides: Sequence[str] = (), out: Optional[Union[str, Path]] = None,
+        resume: bool = False, overwrite: bool = False, log=print) -> FitResult:
+    """`segtrain fit CONFIG [--set ...] [--out DIR] [--resume] [--overwrite]`.
+
+    Args:
+        config: path of a YAML config.
+        overrides: `KEY=VALUE` strings, as `--set` takes them.
+        out: run folder (default: runs/<config name>).
+    """
+    from segtrain.runs import check_resume_config, check_run_dir, default_run_dir
+    from segtrain.train import run_fit
+
+    loaded = load_config(config, list(overrides))
+    run_dir = Path(out) if out else default_run_dir(config)
+    check_run_dir(run_dir, resume, overwrite, multi_worker=loaded.train.distribute == "multi_worker")
+    if resume:
+        check_resume_config(loaded, run_dir)
+    metrics = run_fit(loaded, run_dir, resume=resume, overwrite=overwrite, config_path=Path(config), log=log)
+    return FitResult(run_dir, metrics, loaded.data.val_split)
+
+
+def evaluate(checkpoint: Union[str, Path, None] = None, data: Optional[str] = None, split: Optional[str] = None,
+             out: Optional[Union[str, Path]] = None, decision: Optional[str] = None,
+             threshold: Optional[float] = None, log=print) -> dict:
+    """`segtrain eval --checkpoint RUN [--data DIR] [--split S] [--out DIR]`: the metrics dict, reports written."""
+    from segtrain.evaluation import evaluate_checkpoint
+
+    return evaluate_checkpoint(None if checkpoint is None else str(checkpoint), data, split,
+                               Path(out) if out else None, decision, threshold, log=log)
+
+
+class Segmenter:
+    """A run's model with its decision rule, tiling and mask encoding: `predict(image)` as `segtrain predict` does."""
+
+    def __init__(self, predictor, config: Config):
+        from segtrain.data.masks import MaskMapping
+
+        self._predictor = predictor
+        self.config = config
+        self.classes = list(config.data.classes)
+        self._mapping = MaskMapping(config.data.mask, config.data.classes)
+
+    def predict(self, image) -> Prediction:
+        """Labels, probabilities and mask of one image (an H x W or H x W x C array of raw pixel values)."""
+        from segtrain.data.images import as_model_input
+
+        probabilities = self._predictor.probabilities(as_model_input(image, self._predictor.channels))
+        labels = self._predictor.labels(probabilities)
+        return Prediction(labels, probabilities, self._mapping.encode(labels))
+
+
+class ExportedSegmenter:
+    """An export folder (`segtrain export`, SavedModel format) behind the same `predict` as `Segmenter`."""
+
+    def __init__(self, folder: Path):
+        import tensorflow as tf
+
+        self.metadata = json.loads((folder / "metadata.json").read_text())
+        self.classes = self.metadata["classes"]
+        self._serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
+        self._lut = np.asarray(self.metadata["labels_to_mask"]["values"], dtype=np.uint8)
+
+    def predict(self, image) -> Prediction:
+        import tensorflow as tf
+
+        from segtrain.data.images import as_model_input
+
+        pixels = as_model_input(image, self.metadata["input"]["channels"])
+        out = self._serve(images=tf.constant(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)[None]))
+        labels = out["labels"].numpy()[0]
+        return Prediction(labels, out["probabilities"].numpy()[0], self._lut[labels])
+
+
+def load(path: Union[str, Path], decision: Optional[str] = None, threshold: Optional[float] = None,
+         tta: Optional[bool] = None, log=print):
+    """A Segmenter from a run folder or .keras file (decision, threshold, tta override the run's config), or an
+    ExportedSegmenter from a `segtrain export --format saved_model` folder."""
+    from segtrain.predict import Predictor
+    from segtrain.runs import resolve_checkpoint, run_config
+
+    path = Path(path)
+    if (path / "metadata.json").is_file() and (path / "saved_model").is_dir():
+        if decision is not None or threshold is not None or tta is not None:
+            raise CheckpointError(f"{path}: an export carries its decision rule; export again to change it.")
+        return ExportedSegmenter(path)
+    model_path, run_dir = resolve_checkpoint(path)
+    config = run_config(run_dir)
+    return Segmenter(Predictor.load(model_path, config, decision, threshold, tta, log), config)

@@ -1,0 +1,179 @@
+"""`segtrain export`: a trained run as a self-contained model for TF Serving, ONNX Runtime or TFLite.
+
+The exported model takes raw images (uint8, any height and width, a batch of one size) and
+does inside what `segtrain predict` does around the `.keras` file: resize as in training
+(`data.resize`), reflect-pad to a multiple of 2**depth and crop back, flip test-time
+augmentation when the run's `predict.tta` is on, softmax/sigmoid, and the run's decision
+rule (argmax, threshold or least expected cost). Out come `labels` (int32, B x H x W, class
+indices) and `probabilities` (float32, B x H x W x K). Beside it, `metadata.json` says how
+to read them: class names, how a label maps back to a mask value or colour, the decision
+rule and costs, input channels, the hash of the run's config.yaml and segtrain's version.
+
+Not inside: tiling. `predict` cuts images larger than `predict.tile_size` into overlapping
+tiles; the export runs the whole image at once, so on large images its borders can differ
+slightly from `predict` (the same network, more context).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from segtrain.atomic import write_json
+from segtrain.config import Config
+from segtrain.data.masks import MaskMapping
+from segtrain.errors import CheckpointError, SegtrainError
+
+FORMATS = ("saved_model", "onnx", "tflite")
+MODEL_FILES = {"saved_model": "saved_model", "onnx": "model.onnx", "tflite": "model.tflite"}
+"""The model's name inside the export folder, per format."""
+
+
+class ExportError(SegtrainError):
+    """A format's converter is missing or failed; the message says how to get it or what broke."""
+
+
+def serving_module(model, config: Config):
+    """A tf.Module whose `serve(images)` maps uint8 images (B, H, W, C) to labels and probabilities."""
+    import tensorflow as tf
+
+    from segtrain.decision import decide_tf, decision_cost_matrix, probabilities_tf
+
+    predict, divisor = config.predict, 2**config.model.depth
+    cost_matrix = decision_cost_matrix(config)
+    channels = int(model.input_shape[-1])
+
+    def forward(x):
+        if not predict.tta:
+            return probabilities_tf(model(x, training=False))
+        flips = [x, tf.reverse(x, [2]), tf.reverse(x, [1])]
+        outputs = [probabilities_tf(model(f, training=False)) for f in flips]
+        return (outputs[0] + tf.reverse(outputs[1], [2]) + tf.reverse(outputs[2], [1])) / 3.0
+
+    class Serving(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
+        def serve(self, images):
+            x = tf.cast(images, tf.float32)
+            height, width = tf.shape(x)[1], tf.shape(x)[2]
+            if config.data.resize is not None:
+                x = tf.image.resize(x, config.data.resize, method="bilinear")
+            # non-negative operands only: ONNX's Mod of a negative number is not Python's
+            pad_h = (divisor - tf.shape(x)[1] % divisor) % divisor
+            pad_w = (divisor - tf.shape(x)[2] % divisor) % divisor
+            padded = tf.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]], mode="REFLECT")
+            # a pad by computed amounts forgets the channel count; TFLite's converter needs it (a reshape keeps it)
+            padded = tf.reshape(padded, tf.concat([tf.shape(padded)[:3], [channels]], axis=0))
+            probs = forward(padded)[:, : tf.shape(x)[1], : tf.shape(x)[2], :]
+            if config.data.resize is not None:
+                probs = tf.image.resize(probs, tf.stack([height, width]), method="bilinear")
+            labels = decide_tf(probs, predict.decision, predict.threshold, cost_matrix)
+            return {"labels": tf.cast(labels, tf.int32), "probabilities": tf.cast(probs, tf.float32)}
+
+    module = Serving()
+    module.model = model  # tracked, so its variables are saved with the module
+    return module
+
+
+def export_metadata(config: Config, config_text: str, channels: int) -> dict:
+    """What a consumer of the exported model needs besides the model itself."""
+    from segtrain.decision import decision_cost_matrix
+
+    mapping = MaskMapping(config.data.mask, config.data.classes)
+    encoded = mapping.encode(np.arange(len(config.data.classes)))
+    matrix = decision_cost_matrix(config)
+    return {
+        "classes": list(config.data.classes),
+        "labels_to_mask": {"kind": "palette" if mapping.rgb else "values", "values": encoded.tolist()},
+        "decision": {"rule": config.predict.decision, "threshold": config.predict.threshold,
+                     "cost_matrix": None if matrix is None else np.asarray(matrix).tolist()},
+        "input": {"channels": channels, "dtype": "uint8", "layout": "B x H x W x C, raw pixel values",
+                  "resize": config.data.resize, "pad_to_multiple_of": 2**config.model.depth},
+        "outputs": {"labels": "int32 B x H x W class indices",
+                    "probabilities": "float32 B x H x W x K, classes in the order of `classes`"},
+        "test_time_augmentation": bool(config.predict.tta),
+        "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+        "segtrain_version": metadata.version("segtrain"),
+    }
+
+
+def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> Path:
+    """Export a run folder (or a .keras file with config.yaml beside it) in `fmt`; returns the export folder."""
+    from segtrain.runs import load_model, resolve_checkpoint, run_config
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}.")
+    model_path, run_folder = resolve_checkpoint(run_dir)
+    config = run_config(run_folder)
+    out_dir = Path(out_dir) if out_dir else run_folder / "export" / fmt
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir}: the export folder exists and is not empty; pass another --out.")
+    model = load_model(model_path)
+    module = serving_module(model, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = out_dir / MODEL_FILES["saved_model"]
+    _save_saved_model(module, saved)
+    if fmt == "onnx":
+        _saved_model_to_onnx(saved, out_dir / MODEL_FILES["onnx"])
+    elif fmt == "tflite":
+        _saved_model_to_tflite(saved, out_dir / MODEL_FILES["tflite"])
+    info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]))
+    info.update({"format": fmt, "model": MODEL_FILES[fmt], "source": str(model_path)})
+    write_json(info, out_dir / "metadata.json")
+    log(f"Exported {model_path} as {fmt} -> {out_dir / MODEL_FILES[fmt]} (+ metadata.json)")
+    return out_dir
+
+
+def _save_saved_model(module, path: Path) -> None:
+    import tensorflow as tf
+
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+
+
+def _saved_model_to_onnx(saved: Path, target: Path) -> None:
+    """ONNX through tf2onnx from the SavedModel (its Keras 3 path is broken: onnx/tensorflow-onnx#2329, #2348)."""
+    try:
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        raise ExportError("--format onnx needs tf2onnx: pip install 'segtrain[export]'.") from None
+    command = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved), "--output", str(target),
+               "--opset", "17", "--signature_def", "serving_default"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not target.is_file():
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"tf2onnx could not convert {saved}: {last[0][:300]}")
+
+
+def _saved_model_to_tflite(saved: Path, target: Path) -> None:
+    """TFLite from the SavedModel's signature with its variables frozen into constants.
+
+    Converted as they are, the variables stay resource variables that the TFLite runtime never
+    initialises (the outputs came out NaN here), so the signature is frozen first and wrapped
+    again under its own output names.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    loaded = tf.saved_model.load(str(saved))  # kept alive: the signature reads its variables
+    signature = loaded.signatures["serving_default"]
+    frozen = convert_variables_to_constants_v2(signature)
+    names = sorted(signature.structured_outputs)  # the order tf.nest flattens the outputs dict in
+    spec = signature.structured_input_signature[1]["images"]
+
+    @tf.function(input_signature=[tf.TensorSpec(spec.shape, spec.dtype, name="images")])
+    def serve(images):
+        return dict(zip(names, frozen(images=images)))
+
+    holder = tf.Module()
+    holder.serve, holder.loaded = serve, loaded
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], holder)
+    try:
+        flatbuffer = converter.convert()
+    except Exception as exc:  # the converter raises several unrelated types
+        raise ExportError(f"TFLite could not convert {saved}: {str(exc).splitlines()[0][:300]}") from None
+    target.write_bytes(flatbuffer)

@@ -1,0 +1,119 @@
+"""`segtrain export`: SavedModel, ONNX and TFLite against `segtrain predict` on the shipped sample data.
+
+Parity rule: the exported graph runs the same float32 network on the same reflect-padded
+pixels as `predict` (images no larger than a tile are one forward pass there), so the
+probabilities may differ only by float32 kernel differences between runtimes (ONNX Runtime's
+and XNNPACK's convolutions sum in other orders: ~1e-6 relative per layer, a few 1e-6 absolute
+after the sigmoid); PROB_ATOL = 1e-4 leaves a margin of 10x or more. A label may differ only
+where the foreground probability lies within PROB_ATOL of the decision threshold.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import REPO, invoke
+
+pytestmark = pytest.mark.slow
+
+PROB_ATOL = 1e-4
+SAMPLES = REPO / "data_samples" / "roads"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A short run of the shipped roads config (two classes, threshold-encoded masks)."""
+    base = tmp_path_factory.mktemp("export")
+    result = invoke("fit", REPO / "configs" / "roads.yaml", "--out", base / "run", "--set", "train.epochs=1",
+                    "--set", "train.steps_per_epoch=3", "--set", "predict.tta=true")
+    assert result.exit_code == 0, result.output
+    return base / "run"
+
+
+def sample_images():
+    paths = sorted((SAMPLES / "val" / "images").glob("*.png"))[:3]
+    images = [np.array(Image.open(p).convert("RGB")) for p in paths]
+    images.append(images[0][5:104, 3:93])  # 99 x 90: padded to 104 x 96 inside, cropped back
+    return images
+
+
+def reference(run_dir, images):
+    import segtrain
+
+    model = segtrain.load(run_dir)
+    return [model.predict(image) for image in images]
+
+
+def run_onnx(path, image):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path / "model.onnx"))
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, {"images": image[None]})))
+    return out["labels"][0], out["probabilities"][0]
+
+
+def run_tflite(path, image):
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path / "model.tflite")).get_signature_runner("serving_default")
+    out = runner(images=image[None])
+    return out["labels"][0], out["probabilities"][0]
+
+
+def run_saved_model(path, image):
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(path / "saved_model")).signatures["serving_default"]
+    out = serve(images=tf.constant(image[None]))
+    return out["labels"].numpy()[0], out["probabilities"].numpy()[0]
+
+
+RUNNERS = {"saved_model": run_saved_model, "onnx": run_onnx, "tflite": run_tflite}
+
+
+@pytest.mark.parametrize("fmt", list(RUNNERS))
+def test_export_matches_predict(run, tmp_path, fmt):
+    out = tmp_path / fmt
+    result = invoke("export", run, "--format", fmt, "--out", out)
+    assert result.exit_code == 0, result.output
+    images = sample_images()
+    for image, expected in zip(images, reference(run, images)):
+        labels, probabilities = RUNNERS[fmt](out, image)
+        assert labels.shape == image.shape[:2] and probabilities.shape == image.shape[:2] + (2,)
+        np.testing.assert_allclose(probabilities, expected.probabilities, atol=PROB_ATOL, rtol=0)
+        differ = labels != expected.labels
+        assert np.all(np.abs(expected.probabilities[..., 1][differ] - 0.5) < PROB_ATOL)
+        assert differ.mean() < 1e-3  # and they are rare
+
+
+def test_export_metadata_says_how_to_read_the_outputs(run, tmp_path):
+    out = tmp_path / "sm"
+    assert invoke("export", run, "--out", out).exit_code == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["classes"] == ["background", "road"] and meta["format"] == "saved_model"
+    assert meta["labels_to_mask"] == {"kind": "values", "values": [0, 255]}  # threshold 127: road written as 255
+    assert meta["decision"]["rule"] == "argmax" and meta["input"]["channels"] == 3
+    assert meta["test_time_augmentation"] is True
+    import hashlib
+
+    assert meta["config_sha256"] == hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
+    # the export folder loads through the Python API, with the mask encoding of the metadata
+    import segtrain
+
+    image = sample_images()[0]
+    exported, direct = segtrain.load(out).predict(image), segtrain.load(run).predict(image)
+    np.testing.assert_allclose(exported.probabilities, direct.probabilities, atol=PROB_ATOL, rtol=0)
+    assert set(np.unique(exported.mask)) <= {0, 255}
+
+
+def test_export_refuses_a_non_empty_folder_and_an_unknown_format(run, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = invoke("export", run, "--out", out)
+    assert result.exit_code == 2 and "not empty" in result.output and "Traceback" not in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    assert invoke("export", run, "--format", "pickle").exit_code == 2
