@@ -124,13 +124,42 @@ class MaskConfig:
 
 
 @dataclass
+class ElasticConfig:
+    """Elastic deformation: a smooth random displacement field moving image and mask together."""
+
+    alpha: NonNegative = 2.0
+    """Standard deviation of each displacement component, in pixels (how far pixels move)."""
+    sigma: Positive = 8.0
+    """Smoothness of the field: sigma of the Gaussian that smooths the noise, in pixels (the wobbles' size)."""
+
+
+@dataclass
 class AugmentConfig:
-    """Random augmentations applied to image and mask by the same call (training only)."""
+    """Random augmentations applied to image and mask by the same call (training only), keyed by the seed and the
+    element index (`segtrain.data.augment`). Everything but the flips and 90-degree turns is off by default."""
 
     flip: bool = True
     """Random horizontal and vertical flips."""
     rotate90: bool = True
     """Random rotations by multiples of 90 degrees (square crops only)."""
+    scale: Optional[list[Positive]] = None
+    """[low, high] zoom factor, log-uniform, before the crop (image bilinear, mask nearest), e.g. [0.8, 1.25];
+    null: off. Below 1 zooms out; a crop larger than the zoomed image is padded with ignored pixels."""
+    rotate: NonNegative = 0.0
+    """Rotation by an angle uniform in [-rotate, rotate] degrees (0..180) after the crop; the uncovered corners
+    are ignored in the mask. 0: off."""
+    elastic: Union[ElasticConfig, bool, None] = None
+    """Elastic deformation {alpha, sigma} (true: the defaults); null or false: off."""
+    brightness: NonNegative = 0.0
+    """Add an offset uniform in +-brightness * 255 (0.1: +-10% of 0..255), image only. 0: off."""
+    contrast: Annotated[float, Bound(">=", 0.0), Bound("<", 1.0)] = 0.0
+    """Scale each channel's deviation from its mean by a factor uniform in [1 - contrast, 1 + contrast]. 0: off."""
+    gamma: NonNegative = 0.0
+    """x -> 255 (x / 255)**g, log g uniform in +-log(1 + gamma) (0.2: g in [1/1.2, 1.2]). 0: off."""
+    blur: Optional[list[NonNegative]] = None
+    """[low, high] sigma in pixels of a Gaussian blur, uniform, e.g. [0, 1]; null: off."""
+    noise: NonNegative = 0.0
+    """Standard deviation of additive Gaussian noise, in 8-bit units (e.g. 5). 0: off."""
 
 
 @dataclass
@@ -304,6 +333,9 @@ class PredictConfig:
     cost_matrix: Optional[CostMatrix] = None
     """Full K x K decision cost matrix C[true][pred]; overrides fp_cost/fn_cost. Without any of the three,
     decision=cost uses the cost_sensitive loss term's matrix (segtrain.decision.decision_cost_matrix)."""
+    calibrate: bool = True
+    """Use the run's calibration.json (temperature scaling, fitted by `fit` and `segtrain calibrate`) wherever
+    probabilities become decisions or are written out; false: the model's own probabilities."""
 
 
 @dataclass
@@ -819,6 +851,23 @@ def _check_data(data: DataConfig, divisor: int) -> None:
     if data.max_image_pixels < 1:
         raise ConfigError("data.max_image_pixels: must be positive, e.g. 100000000.")
     _check_sampling(data)
+    _check_augment(data.augment)
+
+
+def _check_augment(augment: AugmentConfig) -> None:
+    """data.augment: ranges as [low, high], angles within a half turn; `elastic: true/false` resolved."""
+    for name in ("scale", "blur"):
+        value = getattr(augment, name)
+        if value is not None and (len(value) != 2 or value[0] > value[1]):
+            raise ConfigError(f"data.augment.{name}: expected [low, high] with low <= high, got {value!r}.")
+    if augment.blur is not None and augment.blur[1] > 10:
+        raise ConfigError(f"data.augment.blur: sigma up to {augment.blur[1]:g} pixels is more than 10; use e.g. [0, 1].")
+    if augment.rotate > 180:
+        raise ConfigError(f"data.augment.rotate: {augment.rotate:g} degrees is more than 180 (the largest turn).")
+    if augment.elastic is True:
+        augment.elastic = ElasticConfig()
+    elif augment.elastic is False:
+        augment.elastic = None
 
 
 def _check_sampling(data: DataConfig) -> None:

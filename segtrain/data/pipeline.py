@@ -17,7 +17,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-from segtrain.config import DataConfig
+from segtrain.config import AugmentConfig, DataConfig, ElasticConfig
+from segtrain.data import augment as aug
 from segtrain.data.discovery import Pair
 from segtrain.data.images import read_image
 from segtrain.data.masks import MaskMapping
@@ -80,13 +81,29 @@ def _pad_to_at_least(image, mask, height, width):
     return image, mask
 
 
-def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool, centre=None):
+def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool, centre=None,
+            options: Optional[AugmentConfig] = None):
     """Random crop, flips and 90-degree turns of image and mask by one call, from a stateless seed.
 
     `centre` (class-aware sampling, with a crop): `(centred, row, col)` tensors from `sampled_centre`; when
     `centred` is true the crop is centred on (row, col), clipped to the image, instead of placed uniformly.
+
+    `options` (`data.augment`) adds the transforms of `segtrain.data.augment`, each with its own seed folded in
+    from `seed`: a random scale before the crop (the sampled centre follows it), then after the crop, flips and
+    turns a rotation and an elastic deformation (image and mask), then brightness, contrast, gamma, blur and
+    noise (image only). With them all off (the default) the output is the same as without `options`.
     """
     seeds = tf.random.experimental.stateless_split(seed, 5)
+    options = options or AugmentConfig(flip=flip, rotate90=rotate90)
+    if options.scale is not None:
+        before = tf.shape(mask)
+        image, mask = aug.random_scale(image, mask, aug.stream_seed(seed, aug.SCALE_STREAM), *options.scale)
+        if centre is not None:
+            centred, row, col = centre
+            ratio = tf.cast(tf.shape(mask), tf.float32) / tf.cast(before, tf.float32)
+            row = tf.cast(tf.floor((tf.cast(row, tf.float32) + 0.5) * ratio[0]), tf.int32)
+            col = tf.cast(tf.floor((tf.cast(col, tf.float32) + 0.5) * ratio[1]), tf.int32)
+            centre = (centred, row, col)
     if crop is not None:
         image, mask = _pad_to_at_least(image, mask, crop, crop)
         shape = tf.shape(mask)
@@ -107,9 +124,31 @@ def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool, 
         stacked = tf.image.rot90(stacked, turns)
     image = stacked[..., :-1]
     mask = tf.cast(tf.round(stacked[..., -1]), tf.int32)
+    image, mask = _extra_transforms(image, mask, seed, options)
     if crop is not None:
         image = tf.ensure_shape(image, [crop, crop, None])
         mask = tf.ensure_shape(mask, [crop, crop])
+    return image, mask
+
+
+def _extra_transforms(image, mask, seed, options: AugmentConfig):
+    """The transforms of `segtrain.data.augment` after the crop, in a fixed order; those that are off are skipped."""
+    if options.rotate > 0:
+        image, mask = aug.random_rotate(image, mask, aug.stream_seed(seed, aug.ROTATE_STREAM), options.rotate)
+    if options.elastic is not None and options.elastic is not False:
+        elastic = ElasticConfig() if options.elastic is True else options.elastic
+        image, mask = aug.random_elastic(image, mask, aug.stream_seed(seed, aug.ELASTIC_STREAM), elastic.alpha,
+                                         elastic.sigma)
+    if options.brightness > 0:
+        image = aug.random_brightness(image, aug.stream_seed(seed, aug.BRIGHTNESS_STREAM), options.brightness)
+    if options.contrast > 0:
+        image = aug.random_contrast(image, aug.stream_seed(seed, aug.CONTRAST_STREAM), options.contrast)
+    if options.gamma > 0:
+        image = aug.random_gamma(image, aug.stream_seed(seed, aug.GAMMA_STREAM), options.gamma)
+    if options.blur is not None and options.blur[1] > 0:
+        image = aug.random_blur(image, aug.stream_seed(seed, aug.BLUR_STREAM), *options.blur)
+    if options.noise > 0:
+        image = aug.random_noise(image, aug.stream_seed(seed, aug.NOISE_STREAM), options.noise)
     return image, mask
 
 
@@ -191,7 +230,7 @@ def training_dataset(pairs: list[Pair], spec: DataSpec, cache_dir: Optional[Path
         image, mask, *image_index = example
         seed = base_seed + tf.stack([tf.constant(0, tf.int64), index])
         centre = None if table is None else sampled_centre(seed, image_index[0], table)
-        return augment(image, mask, seed, crop, flip, rotate90, centre)
+        return augment(image, mask, seed, crop, flip, rotate90, centre, data.augment)
 
     ds = ds.map(augment_indexed, num_parallel_calls=AUTOTUNE, deterministic=True)
     if crop is None:  # whole images, of any sizes
