@@ -133,10 +133,19 @@ def _projective(x, transform, interpolation: str, fill_mode: str, fill_value: fl
 
 
 def random_rotate(image, mask, seed, max_degrees: float):
-    """Rotate about the centre by an angle uniform in [-max_degrees, max_degrees], keeping the size: the image
-    bilinearly (border pixels repeated where the rotated frame leaves it), the mask by nearest neighbour, and the
-    mask pixels the rotation uncovers (the corners) become IGNORE_INDEX."""
-    angle = _uniform(seed, -max_degrees, max_degrees) * (math.pi / 180.0)
+    """`rotate` by an angle uniform in [-max_degrees, max_degrees]."""
+    return rotate(image, mask, _uniform(seed, -max_degrees, max_degrees))
+
+
+def rotate(image, mask, degrees):
+    """Rotate about the centre by `degrees`, keeping the size: the image bilinearly (border pixels repeated where
+    the rotated frame leaves it), the mask by nearest neighbour, and the mask pixels the rotation uncovers (the
+    corners) become IGNORE_INDEX.
+
+    Output pixel (y, x) reads the input at (sin a (x - cx) + cos a (y - cy) + cy, cos a (x - cx) - sin a (y - cy)
+    + cx), (cy, cx) the centre.
+    """
+    angle = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
     shape = tf.cast(tf.shape(mask), tf.float32)
     cy, cx = (shape[0] - 1.0) / 2.0, (shape[1] - 1.0) / 2.0
     cos, sin = tf.cos(angle), tf.sin(angle)
