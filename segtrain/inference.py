@@ -12,6 +12,12 @@ Formula:
 where `o_t` is the offset of tile t, `p_t` its probabilities and `w` the window
 (`make_window`), which is small near tile borders where a U-Net sees padding instead
 of context.
+
+Temperature (`segtrain.calibration`): `p_t = softmax(z_t / T)` (sigmoid for one channel), the
+tile's logits divided by T *before* its probabilities are blended and averaged over flips,
+so blending and flip TTA stay as they are and T = 1 is today's result bit for bit.
+`predict_logits` runs the same tiles, windows, padding and flips but blends the logits
+themselves (same formula with `z_t` for `p_t`): the input of the temperature fit.
 """
 
 from __future__ import annotations
@@ -85,8 +91,10 @@ _FN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _probability_fn(model):
     """A tf.function mapping a batch (B, h, w, Cin) to probabilities (B, h, w, K), cached per model.
 
-    The function holds the model through a weak reference, so the cache does not keep it
-    alive. It traces once per (batch shape, flips) combination.
+    `fn(x, hflip, vflip, temperature, logits)`: `temperature` a float32 scalar tensor (one trace
+    for every value), `logits=True` returns the raw logits (B, h, w, C) instead. The function
+    holds the model through a weak reference, so the cache does not keep it alive. It traces
+    once per (batch shape, flips, logits) combination.
     """
     try:
         return _FN_CACHE[model]
@@ -101,12 +109,16 @@ def _make_probability_fn(get_model):
     """The tf.function of `_probability_fn`; `get_model()` returns the model."""
 
     @tf.function
-    def fn(x, hflip=False, vflip=False):
+    def fn(x, hflip=False, vflip=False, temperature=None, logits=False):
         if hflip:
             x = tf.reverse(x, axis=[2])
         if vflip:
             x = tf.reverse(x, axis=[1])
-        probs = probabilities_tf(get_model()(x, training=False))  # the one logits -> probabilities map
+        z = tf.cast(get_model()(x, training=False), tf.float32)
+        if logits:
+            probs = z
+        else:  # the one logits -> probabilities map; z / 1.0 is z exactly
+            probs = probabilities_tf(z if temperature is None else z / temperature)
         if hflip:
             probs = tf.reverse(probs, axis=[2])
         if vflip:
@@ -116,13 +128,14 @@ def _make_probability_fn(get_model):
     return fn
 
 
-def _predict_batch(fn, x, tta: bool) -> np.ndarray:
-    """Probabilities of one batch; with `tta` the mean over identity, horizontal and vertical flips."""
+def _predict_batch(fn, x, tta: bool, **kwargs) -> np.ndarray:
+    """Probabilities (or, with logits=True, logits) of one batch; with `tta` the mean over identity,
+    horizontal and vertical flips. `kwargs` go to `fn` (temperature, logits)."""
     if not tta:
-        return fn(x).numpy()
-    total = fn(x).numpy()
-    total += fn(x, hflip=True).numpy()
-    total += fn(x, vflip=True).numpy()
+        return fn(x, **kwargs).numpy()
+    total = fn(x, **kwargs).numpy()
+    total += fn(x, hflip=True, **kwargs).numpy()
+    total += fn(x, vflip=True, **kwargs).numpy()
     return total / 3.0
 
 
@@ -136,6 +149,7 @@ def predict_probabilities(
     tta: bool = False,
     divisor: int = 16,
     progress: bool = False,
+    temperature: float = 1.0,
 ) -> np.ndarray:
     """Class probabilities (H, W, K) float32 for one image, by overlapping tiles when it is large.
 
@@ -153,19 +167,51 @@ def predict_probabilities(
         divisor: the model's size multiple (2**depth for a U-Net); smaller sides are
             reflect-padded to it and cropped back.
         progress: show a tqdm bar over tiles.
+        temperature: T > 0 dividing every tile's logits before its probabilities (module doc);
+            1.0 (default) leaves them as the model gives them.
 
     Returns:
         (H, W, K) float32 probabilities summing to 1 over the last axis.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    import tensorflow as tf
+
+    kwargs = {} if temperature == 1.0 else {"temperature": tf.constant(float(temperature), tf.float32)}
+    return _tiled(model, image, tile_size, overlap, batch_size, window, tta, divisor, progress, kwargs)
+
+
+def predict_logits(
+    model,
+    image,
+    tile_size: int,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    window: str = "cosine",
+    tta: bool = False,
+    divisor: int = 16,
+    progress: bool = False,
+) -> np.ndarray:
+    """Logits (H, W, C) float32 for one image (C = the model's output channels, 1 for binary).
+
+    The same tiles, padding, window and flips as `predict_probabilities` with the same
+    arguments, blended and flip-averaged as logits (module doc): for an image of one tile
+    without TTA these are exactly the logits whose sigmoid/softmax `predict_probabilities` gives.
+    """
+    return _tiled(model, image, tile_size, overlap, batch_size, window, tta, divisor, progress, {"logits": True})
+
+
+def _tiled(model, image, tile_size, overlap, batch_size, window, tta, divisor, progress, kwargs) -> np.ndarray:
+    """The shared body of `predict_probabilities` and `predict_logits`; `kwargs` go to the forward function."""
     image = _as_image(image)
     _check_tiling(tile_size, overlap, batch_size, window, divisor)
     height, width = image.shape[:2]
     image = _pad_small_sides(image, tile_size, divisor)
     fn = _probability_fn(model)
     if image.shape[0] <= tile_size and image.shape[1] <= tile_size:  # one tile: one exact forward pass
-        probs = _predict_batch(fn, image[None], tta)[0]
+        probs = _predict_batch(fn, image[None], tta, **kwargs)[0]
     else:
-        probs = _blend_tiles(fn, image, tile_size, overlap, batch_size, window, tta, progress)
+        probs = _blend_tiles(fn, image, tile_size, overlap, batch_size, window, tta, progress, kwargs)
     return np.ascontiguousarray(probs[:height, :width], dtype=np.float32)
 
 
@@ -213,7 +259,7 @@ def _tile_offsets(height: int, width: int, th: int, tw: int, stride: int) -> lis
 
 
 def _blend_tiles(fn, image: np.ndarray, tile_size: int, overlap: float, batch_size: int, window: str,
-                 tta: bool, progress: bool) -> np.ndarray:
+                 tta: bool, progress: bool, kwargs=None) -> np.ndarray:
     """The window-weighted mean of the overlapping tiles' probabilities (module formula), (H, W, K) float32."""
     height, width = image.shape[:2]
     th, tw = min(tile_size, height), min(tile_size, width)
@@ -228,7 +274,7 @@ def _blend_tiles(fn, image: np.ndarray, tile_size: int, overlap: float, batch_si
             for i, (y, x) in enumerate(chunk):
                 batch[i] = image[y : y + th, x : x + tw]
             # Unused slots keep the previous tiles: same shape every call, results discarded.
-            probs = _predict_batch(fn, batch, tta)
+            probs = _predict_batch(fn, batch, tta, **(kwargs or {}))
             if acc is None:
                 acc = np.zeros((height, width, probs.shape[-1]), dtype=np.float32)
             for i, (y, x) in enumerate(chunk):

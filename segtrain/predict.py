@@ -36,11 +36,13 @@ class Predictor:
     """A loaded model plus the decision rule: image array in, class-index mask out.
 
     `decision`, `threshold` and `tta` override the config's `predict` section (None keeps
-    it) and get the config's checks.
+    it) and get the config's checks. `temperature` divides the logits before they become
+    probabilities (`segtrain.calibration`; `load` reads it from the run's calibration.json unless
+    predict.calibrate is false); 1.0 leaves them as they are.
     """
 
     def __init__(self, model, config: Config, decision: Optional[str] = None, threshold: Optional[float] = None,
-                 tta: Optional[bool] = None, log=click.echo):
+                 tta: Optional[bool] = None, log=click.echo, temperature: float = 1.0):
         from segtrain.config import check_predict
         from segtrain.decision import decision_cost_matrix
 
@@ -56,6 +58,9 @@ class Predictor:
         check_predict(self.config)  # command-line overrides get the config's checks
         self.decision, self.threshold, self.tta = predict.decision, predict.threshold, predict.tta
         self.cost_matrix = decision_cost_matrix(self.config)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
         own_costs = any(v is not None for v in (predict.fp_cost, predict.fn_cost, predict.cost_matrix))
         if self.decision == "cost" and not own_costs:
             log("warning: decision=cost uses the cost_sensitive loss term's costs, which the model has already "
@@ -64,8 +69,13 @@ class Predictor:
 
     @classmethod
     def load(cls, model_path: Path, config: Config, decision: Optional[str] = None,
-             threshold: Optional[float] = None, tta: Optional[bool] = None, log=click.echo) -> "Predictor":
-        """Load a saved model, check its outputs against the config's classes, and wrap it."""
+             threshold: Optional[float] = None, tta: Optional[bool] = None, log=click.echo,
+             temperature: Optional[float] = None) -> "Predictor":
+        """Load a saved model, check its outputs against the config's classes, and wrap it.
+
+        `temperature` None: the run's calibration.json for this model file (`segtrain.calibration.load_temperature`:
+        1.0 without one, or with predict.calibrate false)."""
+        from segtrain.calibration import load_temperature
         from segtrain.model import output_channels
 
         model = load_model(model_path)
@@ -76,25 +86,39 @@ class Predictor:
                 f"{model_path}: the model has {actual} output channel(s) but the config names "
                 f"{len(config.data.classes)} classes (needs {expected}). Use the run's own config."
             )
-        return cls(model, config, decision, threshold, tta, log)
+        if temperature is None:
+            temperature = load_temperature(model_path, config, log)
+        return cls(model, config, decision, threshold, tta, log, temperature)
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Class probabilities H x W x K at the image's own size (resized like training when data.resize is set)."""
-        import tensorflow as tf
-
+    def probabilities(self, image: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """Class probabilities H x W x K at the image's own size (resized like training when data.resize is set),
+        with the temperature applied (`calibrated=False`: as the model gives them, T = 1)."""
         from segtrain.inference import predict_probabilities
+
+        temperature = self.temperature if calibrated else 1.0
+        return self._forward(predict_probabilities, image, temperature=temperature)
+
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        """Logits H x W x C (C = the model's output channels, 1 for binary) through the same resize, padding,
+        tiles and flips as `probabilities`, blended as logits (`segtrain.inference.predict_logits`)."""
+        from segtrain.inference import predict_logits
+
+        return self._forward(predict_logits, image)
+
+    def _forward(self, predict_fn, image: np.ndarray, **kwargs) -> np.ndarray:
+        import tensorflow as tf
 
         resize = self.config.data.resize
         height, width = image.shape[:2]
         if resize is not None:
             image = tf.image.resize(image, resize, method="bilinear").numpy()
-        probabilities = predict_probabilities(
+        out = predict_fn(
             self.model, image, tile_size(self.config), overlap=self.config.predict.overlap,
-            batch_size=self.config.predict.batch_size, tta=self.tta, divisor=2**self.config.model.depth,
+            batch_size=self.config.predict.batch_size, tta=self.tta, divisor=2**self.config.model.depth, **kwargs,
         )
         if resize is not None:
-            probabilities = tf.image.resize(probabilities, (height, width), method="bilinear").numpy()
-        return probabilities
+            out = tf.image.resize(out, (height, width), method="bilinear").numpy()
+        return out
 
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices H x W by the decision rule."""
@@ -146,7 +170,8 @@ def predict_images(images: list[Path], checkpoint: Optional[str], out_dir: Optio
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in tqdm(images, desc="predicting", unit="image", disable=None):
         _predict_one(predictor, mapping, path, out_dir, probabilities_format if probabilities else None, overlay)
-    log(f"Wrote {len(images)} mask(s) to {out_dir} (model {model_path}, decision {predictor.decision}).")
+    calibrated = "" if predictor.temperature == 1.0 else f", temperature {predictor.temperature:.4f}"
+    log(f"Wrote {len(images)} mask(s) to {out_dir} (model {model_path}, decision {predictor.decision}{calibrated}).")
     return out_dir
 
 
