@@ -140,6 +140,17 @@ def export(run, fmt, out):
     export_run(Path(run), fmt, Path(out) if out else None, log=click.echo)
 
 
+@cli.command(short_help="Fit the run's temperature (calibration) on a labelled split.")
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--split", help="Labelled split to fit on (default: the run's data.val_split).")
+def calibrate(run, split):
+    """Fit temperature scaling for RUN's model on a labelled split and write RUN/calibration.json."""
+    _import_tensorflow_quietly()
+    from segtrain.calibration import calibrate_run
+
+    calibrate_run(run, split, log=click.echo)
+
+
 def _decision_from_options(decision, threshold):
     """--threshold implies --decision threshold and makes no sense with another rule."""
     if threshold is None:

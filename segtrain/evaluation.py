@@ -17,6 +17,13 @@ Ranking of the worst images: an image's score is the mean IoU over the foregroun
 (every class but class 0) that count in it (present in its truth or its prediction); the
 lowest score is the worst; ties keep the split's order; images where no foreground class
 counts (nothing to find and nothing found) have no score and rank after every scored image.
+
+Calibration: eval also counts every valid pixel's top-class confidence in 15 equal-width bins
+(`segtrain.calibration.ReliabilityBins`) for the probabilities before (T = 1) and after the
+run's temperature (calibration.json), and reports the expected calibration error of both
+(metrics.json `calibration`, printed) and their reliability diagram (`reliability.png`). With
+T = 1 (no calibration.json, or predict.calibrate false) both are the same probabilities; otherwise
+the uncalibrated ones cost a second forward pass per image.
 """
 
 from __future__ import annotations
@@ -126,11 +133,13 @@ class PerImage:
 
 
 def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping, max_pixels: int,
-                   relaxed=None, per_image: Optional[PerImage] = None):
+                   relaxed=None, per_image: Optional[PerImage] = None, reliability=None):
     """(K x K confusion matrix, foreground probability histogram or None) over all pairs.
 
     `relaxed`, a RelaxedPrecisionRecall accumulator (two classes), is fed every mask too;
-    `per_image`, a `PerImage`, gets every image's matrix (and the arrays of the worst ones).
+    `per_image`, a `PerImage`, gets every image's matrix (and the arrays of the worst ones);
+    `reliability`, a pair of `segtrain.calibration.ReliabilityBins` (before, after), counts the
+    uncalibrated and the calibrated probabilities.
     """
     from tqdm import tqdm
 
@@ -152,12 +161,19 @@ def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping
             histogram.update(probabilities[..., 1], truth)
         if relaxed is not None:
             relaxed.update_labels(truth, labels)
+        if reliability is not None:
+            before, after = reliability
+            after.update(probabilities, truth)
+            raw = probabilities if predictor.temperature == 1.0 else predictor.probabilities(image, calibrated=False)
+            before.update(raw, truth)
     return cm, histogram
 
 
-def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix, per_image: Optional[PerImage] = None) -> None:
+def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix, per_image: Optional[PerImage] = None,
+                  reliability=None, temperature: float = 1.0) -> None:
     """per_class.csv, confusion_matrix.png, for two classes pr_curve.png, and with `per_image`
-    per_image.csv and (when it kept images) worst_images.png, whose ranking goes into metrics["worst_images"]."""
+    per_image.csv and (when it kept images) worst_images.png, whose ranking goes into metrics["worst_images"];
+    with `reliability` (ReliabilityBins before, after the temperature) metrics["calibration"] and reliability.png."""
     from segtrain.metrics import best_f1_threshold, least_cost_threshold, pr_curve
     from segtrain.reports import plot_confusion_matrix, plot_pr_curve, plot_worst_images, write_per_class_csv
 
@@ -177,6 +193,21 @@ def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix, per_imag
             marks["least cost"] = least_cost_threshold(histogram, float(cost_matrix[0, 1]), float(cost_matrix[1, 0]))[0]
         metrics["thresholds"] = {name: float(t) for name, t in marks.items()}
         plot_pr_curve(curve, out_dir / "pr_curve.png", marks)
+    if reliability is not None:
+        from segtrain.reports import plot_reliability
+
+        before, after = reliability
+        metrics["calibration"] = calibration_metrics(before, after, temperature)
+        if before.count.sum() > 0:
+            plot_reliability({"before (T = 1)": before.curve(), f"after (T = {temperature:.3g})": after.curve()},
+                             out_dir / "reliability.png")
+
+
+def calibration_metrics(before, after, temperature: float) -> dict:
+    """metrics.json's `calibration`: the temperature, ECE before and after it (15 equal-width bins over the
+    top-class confidence, `segtrain.calibration`) and both reliability curves."""
+    return {"temperature": float(temperature), "ece_before": before.ece(), "ece_after": after.ece(),
+            "ece_bins": before.bins, "reliability_before": before.curve(), "reliability_after": after.curve()}
 
 
 def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: MaskMapping, out_dir: Path,
@@ -185,6 +216,7 @@ def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: M
     """Evaluate a saved model on pairs, print the table, write reports into out_dir; return the metrics.
 
     `worst`: rows of worst_images.png (0: no gallery; per_image.csv is always written)."""
+    from segtrain.calibration import ReliabilityBins
     from segtrain.metrics import RelaxedPrecisionRecall, metrics_from_confusion
     from segtrain.reports import format_metrics_table
 
@@ -193,14 +225,19 @@ def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: M
         raise ConfigError("--relaxed: relaxed precision and recall are defined for two classes only.")
     relaxed = RelaxedPrecisionRecall(relaxed_rho) if relaxed_rho is not None else None
     per_image = PerImage(config.data.classes, worst)
-    cm, histogram = evaluate_pairs(predictor, pairs, mapping, config.data.max_image_pixels, relaxed, per_image)
+    reliability = (ReliabilityBins(), ReliabilityBins())
+    cm, histogram = evaluate_pairs(predictor, pairs, mapping, config.data.max_image_pixels, relaxed, per_image,
+                                   reliability)
     metrics = metrics_from_confusion(cm, config.data.classes, predictor.cost_matrix)
     if relaxed is not None:
         metrics["relaxed"] = relaxed.result()
     metrics["decision"] = {"rule": predictor.decision, "threshold": predictor.threshold}
     metrics["model"] = str(model_path)
-    write_reports(metrics, histogram, out_dir, predictor.cost_matrix, per_image)
+    write_reports(metrics, histogram, out_dir, predictor.cost_matrix, per_image, reliability, predictor.temperature)
     log(format_metrics_table(metrics))
+    calibration = metrics["calibration"]
+    log(f"Calibration (T = {calibration['temperature']:.4f}): ECE {_fmt(calibration['ece_before'])} before, "
+        f"{_fmt(calibration['ece_after'])} after ({calibration['ece_bins']} bins)")
     if relaxed is not None:
         r = metrics["relaxed"]
         log(f"Relaxed (rho={relaxed_rho:g} px): precision {_fmt(r['precision'])}, recall {_fmt(r['recall'])}, "

@@ -3,11 +3,12 @@
 The exported model takes raw images (uint8, any height and width, a batch of one size) and
 does inside what `segtrain predict` does around the `.keras` file: resize as in training
 (`data.resize`), reflect-pad to a multiple of 2**depth and crop back, flip test-time
-augmentation when the run's `predict.tta` is on, softmax/sigmoid, and the run's decision
+augmentation when the run's `predict.tta` is on, the run's temperature (calibration.json, unless
+`predict.calibrate: false`: the logits are divided by T inside the graph), softmax/sigmoid, and the run's decision
 rule (argmax, threshold or least expected cost). Out come `labels` (int32, B x H x W, class
 indices) and `probabilities` (float32, B x H x W x K). Beside it, `metadata.json` says how
 to read them: class names, how a label maps back to a mask value or colour, the decision
-rule and costs, input channels, the hash of the run's config.yaml and segtrain's version.
+rule and costs, the temperature, input channels, the hash of the run's config.yaml and segtrain's version.
 
 Not inside: tiling. `predict` cuts images larger than `predict.tile_size` into overlapping
 tiles; the export runs the whole image at once, so on large images its borders can differ
@@ -39,8 +40,11 @@ class ExportError(SegtrainError):
     """A format's converter is missing or failed; the message says how to get it or what broke."""
 
 
-def serving_module(model, config: Config):
-    """A tf.Module whose `serve(images)` maps uint8 images (B, H, W, C) to labels and probabilities."""
+def serving_module(model, config: Config, temperature: float = 1.0):
+    """A tf.Module whose `serve(images)` maps uint8 images (B, H, W, C) to labels and probabilities.
+
+    `temperature` divides the logits before softmax/sigmoid (each flip's, as `segtrain.inference` does);
+    1.0 adds no operation to the graph."""
     import tensorflow as tf
 
     from segtrain.decision import decide_tf, decision_cost_matrix, probabilities_tf
@@ -49,11 +53,17 @@ def serving_module(model, config: Config):
     cost_matrix = decision_cost_matrix(config)
     channels = int(model.input_shape[-1])
 
+    def probabilities(x):
+        logits = model(x, training=False)
+        if temperature != 1.0:
+            logits = tf.cast(logits, tf.float32) / tf.constant(float(temperature), tf.float32)
+        return probabilities_tf(logits)
+
     def forward(x):
         if not predict.tta:
-            return probabilities_tf(model(x, training=False))
+            return probabilities(x)
         flips = [x, tf.reverse(x, [2]), tf.reverse(x, [1])]
-        outputs = [probabilities_tf(model(f, training=False)) for f in flips]
+        outputs = [probabilities(f) for f in flips]
         return (outputs[0] + tf.reverse(outputs[1], [2]) + tf.reverse(outputs[2], [1])) / 3.0
 
     class Serving(tf.Module):
@@ -80,7 +90,7 @@ def serving_module(model, config: Config):
     return module
 
 
-def export_metadata(config: Config, config_text: str, channels: int) -> dict:
+def export_metadata(config: Config, config_text: str, channels: int, temperature: float = 1.0) -> dict:
     """What a consumer of the exported model needs besides the model itself."""
     from segtrain.decision import decision_cost_matrix
 
@@ -97,6 +107,9 @@ def export_metadata(config: Config, config_text: str, channels: int) -> dict:
         "outputs": {"labels": "int32 B x H x W class indices",
                     "probabilities": "float32 B x H x W x K, classes in the order of `classes`"},
         "test_time_augmentation": bool(config.predict.tta),
+        "calibration": {"temperature": float(temperature),
+                        "applied": "probabilities = softmax(logits / temperature) (sigmoid for one channel), "
+                                   "inside the model"},
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
         "segtrain_version": metadata.version("segtrain"),
     }
@@ -113,8 +126,11 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
     out_dir = Path(out_dir) if out_dir else run_folder / "export" / fmt
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir}: the export folder exists and is not empty; pass another --out.")
+    from segtrain.calibration import load_temperature
+
     model = load_model(model_path)
-    module = serving_module(model, config)
+    temperature = load_temperature(model_path, config, log)
+    module = serving_module(model, config, temperature)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / MODEL_FILES["saved_model"]
     _save_saved_model(module, saved)
@@ -122,7 +138,7 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
         _saved_model_to_onnx(saved, out_dir / MODEL_FILES["onnx"])
     elif fmt == "tflite":
         _saved_model_to_tflite(saved, out_dir / MODEL_FILES["tflite"])
-    info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]))
+    info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]), temperature)
     info.update({"format": fmt, "model": MODEL_FILES[fmt], "source": str(model_path)})
     write_json(info, out_dir / "metadata.json")
     log(f"Exported {model_path} as {fmt} -> {out_dir / MODEL_FILES[fmt]} (+ metadata.json)")

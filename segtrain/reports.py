@@ -1,5 +1,5 @@
 """Reports of a run: the metrics table, the per-class CSV and PNG plots (confusion matrix, PR curve,
-training history, the gallery of the worst images).
+reliability diagram, training history, the gallery of the worst images).
 
 Every file is written atomically (through `segtrain.atomic`: a temporary file in the same
 folder, then `os.replace`), so a killed run never leaves a half-written report. Matplotlib is
@@ -208,6 +208,45 @@ def plot_pr_curve(curve, path, marks=None):
     ax.set_title("Precision-recall (foreground)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
+    _save_figure(fig, path)
+
+
+def plot_reliability(curves, path):
+    """Reliability diagram as a PNG: per confidence bin, mean top-class confidence vs accuracy, one curve per
+    entry (e.g. before and after calibration), the diagonal (perfect calibration) and the pixels per bin.
+
+    Args:
+        curves: {label: curve}, each curve as `segtrain.calibration.ReliabilityBins.curve` gives it ("edges",
+            "confidence", "accuracy", "count"; None in empty bins, which are not drawn).
+        path: output PNG.
+    """
+    if not curves:
+        raise ValueError("no reliability curves to draw")
+    fig = _new_figure((6.0, 6.5))
+    ax = fig.add_subplot(4, 1, (1, 3))
+    counts_ax = fig.add_subplot(4, 1, 4, sharex=ax)
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfectly calibrated")
+    markers = "osD^v"
+    first = next(iter(curves.values()))
+    edges = np.asarray(first["edges"], dtype=np.float64)
+    width = (edges[1] - edges[0]) / (len(curves) + 1)
+    for n, (label, curve) in enumerate(curves.items()):
+        conf = np.array([np.nan if v is None else v for v in curve["confidence"]], dtype=np.float64)
+        acc = np.array([np.nan if v is None else v for v in curve["accuracy"]], dtype=np.float64)
+        ok = ~np.isnan(conf)
+        ax.plot(conf[ok], acc[ok], marker=markers[n % len(markers)], ms=5, lw=1.5, label=label)
+        counts_ax.bar(edges[:-1] + (n + 0.5) * width, np.asarray(curve["count"]), width=width, align="edge",
+                      label=label)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_ylabel("accuracy (top class)")
+    ax.set_title(f"Reliability ({len(edges) - 1} equal-width confidence bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    counts_ax.set_yscale("log")
+    counts_ax.set_xlabel("confidence (top-class probability)")
+    counts_ax.set_ylabel("pixels")
+    counts_ax.grid(alpha=0.3)
     _save_figure(fig, path)
 
 

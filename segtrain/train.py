@@ -184,11 +184,17 @@ def _train(engine, prepared: PreparedData, run_dir: Path, resume: bool, created_
 
 
 def _evaluate_best(engine, prepared: PreparedData, run_dir: Path, log) -> dict:
-    """best.keras (last.keras if no epoch improved) on the validation split: metrics.json and the reports."""
+    """best.keras (last.keras if no epoch improved) on the validation split: calibration.json (unless
+    predict.calibrate is false), metrics.json and the reports."""
+    from segtrain.calibration import fit_calibration
     from segtrain.evaluation import evaluate_run
 
     if not (run_dir / "best.keras").exists():
         save_model_atomic(engine.model, run_dir / "best.keras")
+    config = engine.config
+    if config.predict.calibrate:
+        fit_calibration(run_dir / "best.keras", config, prepared.val_pairs, prepared.mapping, run_dir,
+                        config.data.val_split, log)
     metrics = evaluate_run(run_dir / "best.keras", engine.config, prepared.val_pairs, prepared.mapping, run_dir, log=log)
     metrics["best_epoch"] = engine.loop.best_epoch
     write_json(metrics, run_dir / "metrics.json")
