@@ -262,6 +262,9 @@ def fit_calibration(model_path: Path, config, pairs, mapping, run_dir: Path, spl
                   "over a seeded sample of the split's valid pixels",
     }
     write_json(result, Path(run_dir) / CALIBRATION_FILE)
+    if min(abs(math.log(temperature / b)) for b in TEMPERATURE_BOUNDS) < 0.01:
+        log(f"warning: T = {temperature:.4g} is at the bound of the search {TEMPERATURE_BOUNDS}: the model's logits "
+            "are far from calibrated (an undertrained model gives logits near 0); check the reliability diagram.")
     log(f"Calibration on {split} ({result['pixels']} pixels): T = {temperature:.4f}; NLL {result['nll_before']:.4f} "
         f"-> {result['nll_after']:.4f}, ECE {result['ece_before']:.4f} -> {result['ece_after']:.4f} "
         f"-> {Path(run_dir) / CALIBRATION_FILE}")
