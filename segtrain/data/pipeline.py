@@ -89,9 +89,13 @@ def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool, 
     `centred` is true the crop is centred on (row, col), clipped to the image, instead of placed uniformly.
 
     `options` (`data.augment`) adds the transforms of `segtrain.data.augment`, each with its own seed folded in
-    from `seed`: a random scale before the crop (the sampled centre follows it), then after the crop, flips and
-    turns a rotation and an elastic deformation (image and mask), then brightness, contrast, gamma, blur and
-    noise (image only). With them all off (the default) the output is the same as without `options`.
+    from `seed`, in this order: a random scale of the whole image (the sampled centre follows it); the crop,
+    flips and turns; a rotation and an elastic deformation (image and mask); brightness, contrast, gamma, blur
+    and noise (image only). With a crop, rotation and elastic deformation act on a window `margin` pixels wider
+    on each side, placed as the crop would be (the image's edge pixels repeated and the mask ignored beyond the
+    image), and the crop is its centre: the crop's corners come from real pixels wherever the image has them, and
+    only what lies beyond the image is ignored. With every new option off (the default) the output is bit for bit
+    that of `augment` without `options`.
     """
     seeds = tf.random.experimental.stateless_split(seed, 5)
     options = options or AugmentConfig(flip=flip, rotate90=rotate90)
@@ -104,17 +108,22 @@ def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool, 
             row = tf.cast(tf.floor((tf.cast(row, tf.float32) + 0.5) * ratio[0]), tf.int32)
             col = tf.cast(tf.floor((tf.cast(col, tf.float32) + 0.5) * ratio[1]), tf.int32)
             centre = (centred, row, col)
+    margin = 0 if crop is None else warp_margin(crop, options)
     if crop is not None:
-        image, mask = _pad_to_at_least(image, mask, crop, crop)
+        window = crop + 2 * margin
+        if margin:
+            image, mask = _pad_edges(image, mask, margin)
+        image, mask = _pad_to_at_least(image, mask, window, window)
         shape = tf.shape(mask)
-        top = tf.random.stateless_uniform([], seeds[0], 0, shape[0] - crop + 1, dtype=tf.int32)
-        left = tf.random.stateless_uniform([], seeds[1], 0, shape[1] - crop + 1, dtype=tf.int32)
+        # the window's offsets over the padded image are the crop's over the image: same draws, same places
+        top = tf.random.stateless_uniform([], seeds[0], 0, shape[0] - window + 1, dtype=tf.int32)
+        left = tf.random.stateless_uniform([], seeds[1], 0, shape[1] - window + 1, dtype=tf.int32)
         if centre is not None:
             centred, row, col = centre
-            top = tf.where(centred, tf.clip_by_value(row - crop // 2, 0, shape[0] - crop), top)
-            left = tf.where(centred, tf.clip_by_value(col - crop // 2, 0, shape[1] - crop), left)
-        image = image[top : top + crop, left : left + crop]
-        mask = mask[top : top + crop, left : left + crop]
+            top = tf.where(centred, tf.clip_by_value(row - crop // 2, 0, shape[0] - window), top)
+            left = tf.where(centred, tf.clip_by_value(col - crop // 2, 0, shape[1] - window), left)
+        image = image[top : top + window, left : left + window]
+        mask = mask[top : top + window, left : left + window]
     stacked = tf.concat([image, tf.cast(mask[..., None], image.dtype)], axis=-1)
     if flip:
         stacked = tf.image.stateless_random_flip_left_right(stacked, seeds[2])
@@ -124,21 +133,59 @@ def augment(image, mask, seed, crop: Optional[int], flip: bool, rotate90: bool, 
         stacked = tf.image.rot90(stacked, turns)
     image = stacked[..., :-1]
     mask = tf.cast(tf.round(stacked[..., -1]), tf.int32)
-    image, mask = _extra_transforms(image, mask, seed, options)
+    image, mask = _warp(image, mask, seed, options)
+    if margin:
+        image = image[margin : margin + crop, margin : margin + crop]
+        mask = mask[margin : margin + crop, margin : margin + crop]
+    image = _photometric(image, seed, options)
     if crop is not None:
         image = tf.ensure_shape(image, [crop, crop, None])
         mask = tf.ensure_shape(mask, [crop, crop])
     return image, mask
 
 
-def _extra_transforms(image, mask, seed, options: AugmentConfig):
-    """The transforms of `segtrain.data.augment` after the crop, in a fixed order; those that are off are skipped."""
+def warp_margin(crop: int, options: AugmentConfig) -> int:
+    """Pixels around a crop that its rotation (up to `options.rotate` degrees) and elastic deformation (4 alpha)
+    read from: 0 without them."""
+    margin = 0
+    if options.rotate > 0:
+        angle = math.radians(min(options.rotate, 45.0))  # the half-diagonal reach grows up to 45 degrees
+        margin += math.ceil(crop * (math.cos(angle) + math.sin(angle) - 1.0) / 2.0) + 1
+    elastic = _elastic(options)
+    if elastic is not None:
+        margin += math.ceil(4.0 * elastic.alpha) + 1
+    return margin
+
+
+def _elastic(options: AugmentConfig) -> Optional[ElasticConfig]:
+    if options.elastic is True:
+        return ElasticConfig()
+    return options.elastic or None
+
+
+def _pad_edges(image, mask, margin: int):
+    """`margin` pixels on every side: the image's edge pixels repeated, the mask ignored."""
+    shape = tf.shape(mask)
+    rows = tf.clip_by_value(tf.range(-margin, shape[0] + margin), 0, shape[0] - 1)
+    cols = tf.clip_by_value(tf.range(-margin, shape[1] + margin), 0, shape[1] - 1)
+    image = tf.gather(tf.gather(image, rows, axis=0), cols, axis=1)
+    mask = tf.pad(mask, [[margin, margin], [margin, margin]], constant_values=IGNORE_INDEX)
+    return image, mask
+
+
+def _warp(image, mask, seed, options: AugmentConfig):
+    """Rotation, then elastic deformation, where configured."""
     if options.rotate > 0:
         image, mask = aug.random_rotate(image, mask, aug.stream_seed(seed, aug.ROTATE_STREAM), options.rotate)
-    if options.elastic is not None and options.elastic is not False:
-        elastic = ElasticConfig() if options.elastic is True else options.elastic
+    elastic = _elastic(options)
+    if elastic is not None:
         image, mask = aug.random_elastic(image, mask, aug.stream_seed(seed, aug.ELASTIC_STREAM), elastic.alpha,
                                          elastic.sigma)
+    return image, mask
+
+
+def _photometric(image, seed, options: AugmentConfig):
+    """Brightness, contrast, gamma, blur and noise, in this order, where configured (image only)."""
     if options.brightness > 0:
         image = aug.random_brightness(image, aug.stream_seed(seed, aug.BRIGHTNESS_STREAM), options.brightness)
     if options.contrast > 0:
@@ -149,7 +196,7 @@ def _extra_transforms(image, mask, seed, options: AugmentConfig):
         image = aug.random_blur(image, aug.stream_seed(seed, aug.BLUR_STREAM), *options.blur)
     if options.noise > 0:
         image = aug.random_noise(image, aug.stream_seed(seed, aug.NOISE_STREAM), options.noise)
-    return image, mask
+    return image
 
 
 class SamplingTable:
