@@ -227,28 +227,59 @@ def test_the_calibrate_command_refits_on_demand(run, tmp_path):
     assert invoke("calibrate", copy, "--split", "nope").exit_code == 2
 
 
-@pytest.mark.slow
-def test_export_with_a_temperature_matches_predict(run, tmp_path):
+def run_saved_model(path, image):
     import tensorflow as tf
 
+    out = tf.saved_model.load(str(path / "saved_model")).signatures["serving_default"](images=tf.constant(image[None]))
+    return out["labels"].numpy()[0], out["probabilities"].numpy()[0]
+
+
+def run_onnx(path, image):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path / "model.onnx"))
+    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": image[None]})))
+    return out["labels"][0], out["probabilities"][0]
+
+
+def run_tflite(path, image):
+    from ai_edge_litert.interpreter import Interpreter
+
+    out = Interpreter(model_path=str(path / "model.tflite")).get_signature_runner("serving_default")(images=image[None])
+    return out["labels"][0], out["probabilities"][0]
+
+
+RUNNERS = {"saved_model": run_saved_model, "onnx": run_onnx, "tflite": run_tflite}
+
+
+@pytest.fixture(scope="module")
+def hot_run(run, tmp_path_factory):
+    """A copy of the run with T = 2.5 and flip TTA."""
+    run_dir, _, _ = run
+    hot = with_predict_settings(run_dir, tmp_path_factory.mktemp("hot") / "run", tta=True)
+    set_temperature(hot, 2.5)
+    return hot
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(RUNNERS))
+def test_export_with_a_temperature_matches_predict(run, hot_run, tmp_path, fmt):
     import segtrain
 
-    run_dir, root, _ = run
-    hot = with_predict_settings(run_dir, tmp_path / "hot", tta=True)
-    set_temperature(hot, 2.5)
-    out = tmp_path / "export"
-    result = invoke("export", hot, "--out", out)
+    if fmt != "saved_model":
+        pytest.importorskip({"onnx": "onnxruntime", "tflite": "ai_edge_litert"}[fmt])
+    _, root, _ = run
+    out = tmp_path / fmt
+    result = invoke("export", hot_run, "--format", fmt, "--out", out)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["calibration"]["temperature"] == 2.5 and meta["test_time_augmentation"] is True
-    serve = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
-    reference = segtrain.load(hot)
+    reference = segtrain.load(hot_run)
     assert reference._predictor.temperature == 2.5
     first = val_image(root)
     for image in (first, val_image(root, 2), first[3:30, 1:26]):  # 27 x 25: padded inside, cropped back
         expected = reference.predict(image)
-        got = serve(images=tf.constant(image[None]))
-        labels, probabilities = got["labels"].numpy()[0], got["probabilities"].numpy()[0]
+        labels, probabilities = RUNNERS[fmt](out, image)
         np.testing.assert_allclose(probabilities, expected.probabilities, atol=PROB_ATOL, rtol=0)
         differ = labels != expected.labels
         assert np.all(np.abs(expected.probabilities[..., 1][differ] - 0.5) < PROB_ATOL)
