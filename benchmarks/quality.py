@@ -29,13 +29,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (REPO, SHARED_DATASETS, class_rows, evaluate_model_file, machine_line,  # noqa: E402
+from _common import (REPO, class_rows, evaluate_model_file, machine_line,  # noqa: E402
                      measure_step_seconds, set_budget, timed_run_fit, write_dataset)
 
 SETS = {  # config, and how the plain script reads the same masks (raw value of the foreground)

@@ -93,7 +93,7 @@ def _cached_locations(data, path: Optional[Path], num_pairs: int):
                                   "the config has none. Resume with the run's own config.yaml, or start a new run.")
         return None
     if path is None or not path.is_file():
-        raise CheckpointError(f"data.sampling: the run has no class_locations.npz (was it trained without "
+        raise CheckpointError("data.sampling: the run has no class_locations.npz (was it trained without "
                               "data.sampling?). Resume with the run's own config.yaml, or start a new run with --out.")
     locations = ClassLocations.load(path)
     if not locations.matches(class_shares(data), data.crop, data.resize) or locations.num_images != num_pairs:

@@ -5,7 +5,12 @@ run folder."""
 import csv
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +109,40 @@ def stopped_at_step(where, steps_per_epoch):
     if inside:
         return (int(inside.group(1)) - 1) * steps_per_epoch + int(inside.group(2))
     return int(re.fullmatch(r"after epoch (\d+)", where).group(1)) * steps_per_epoch
+
+
+# ---------------------------------------------------------------------------- interrupted runs
+
+
+class Interruption:
+    """A `segtrain fit` subprocess that receives `sig` as soon as its first checkpoint exists (watched by a thread)."""
+
+    def __init__(self, config, run, sig, timeout=240):
+        self.run, self.sig, self.timeout = run, sig, timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "segtrain", "fit", str(config), "--out", str(run)],
+            cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.signalled = False
+        self.output = ""
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self):
+        state = self.run / "checkpoints" / "checkpoint"  # TF writes it last, atomically
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if state.is_file() and "ckpt-" in state.read_text():
+                self.proc.send_signal(self.sig)
+                self.signalled = True
+                break
+            time.sleep(0.02)
+        else:
+            self.proc.kill()
+        self.output = self.proc.communicate(timeout=self.timeout)[0]
+
+    def finish(self):
+        self.thread.join(self.timeout)
+        assert self.signalled, f"fit ended before its first checkpoint:\n{self.output[-3000:]}"
+        return self

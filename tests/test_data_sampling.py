@@ -1,26 +1,15 @@
 """Class-aware crop sampling (data.sampling): config checks, the recorded class locations, the draw in the
 pipeline (shares, fallback, purity in (seed, element index)), the expected sampled frequencies, the class weights
 from them (loss.class_weights_from), and exact resume of a sampled run.
-
-The helpers below are copied (a few lines) rather than imported from other test modules, which are being moved.
 """
 
-import csv
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
-from click.testing import CliRunner
 from PIL import Image
 
 from segtrain.class_weights import class_stats_dict
@@ -31,16 +20,10 @@ from segtrain.data.sampling import ClassLocations, resize_nearest
 from segtrain.data.scan import scan_training_set
 from segtrain.errors import ConfigError
 from segtrain.labels import IGNORE_INDEX
+from tests.helpers import Interruption, history, invoke, weights_of, write_config, write_pair
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE, CROP, N_TRAIN = 48, 16, 8
 HOLDERS = (0, 1, 2, 3, 4, 5)  # the images holding the rare class; images 6 and 7 hold none
-
-
-def write_pair(root, split, stem, image, mask):
-    for kind, array in (("images", image), ("masks", mask)):
-        (root / split / kind).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(root / split / kind / f"{stem}.png")
 
 
 def make_spots_dataset(root, n_train=N_TRAIN, n_val=2, size=SIZE, seed=0):
@@ -365,13 +348,7 @@ def test_class_weights_from_sampled_or_data_frequencies(spots):
         assert "sampling" not in a
 
 
-def invoke(*args):
-    from segtrain.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-TINY = {
+SAMPLING_TINY = {
     "model": {"depth": 2, "base_filters": 4},
     "data": {"classes": ["background", "spot"], "mask": {"threshold": 127}, "crop": 16, "batch_size": 4,
              "sampling": {"spot": 0.5}},
@@ -380,17 +357,8 @@ TINY = {
 }
 
 
-def write_config(path, root, **sections):
-    config = json.loads(json.dumps(TINY))
-    config["data"]["root"] = str(root)
-    for name, values in sections.items():
-        config.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_stats_prints_the_sampled_frequencies(spots, tmp_path):
-    config = write_config(tmp_path / "c.yaml", spots)
+    config = write_config(tmp_path / "c.yaml", spots, base=SAMPLING_TINY)
     result = invoke("stats", config)
     assert result.exit_code == 0, result.output
     assert "sampled" in result.output.splitlines()[1]  # the table's header has the sampled column
@@ -402,56 +370,11 @@ def test_stats_prints_the_sampled_frequencies(spots, tmp_path):
 # ---------------------------------------------------------------------------- end to end: fit and exact resume
 
 
-def weights_of(path):
-    import keras
-
-    return keras.models.load_model(path, compile=False).get_weights()
-
-
-def history(run):
-    with (run / "history.csv").open() as handle:
-        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
-                for row in csv.DictReader(handle)]
-
-
-class Interruption:
-    """A `segtrain fit` subprocess that receives `sig` as soon as its first checkpoint exists (watched by a thread)."""
-
-    def __init__(self, config, run, sig, timeout=300):
-        self.run, self.sig, self.timeout = run, sig, timeout
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "segtrain", "fit", str(config), "--out", str(run)],
-            cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.signalled, self.output = False, ""
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-
-    def _watch(self):
-        state = self.run / "checkpoints" / "checkpoint"  # TF writes it last, atomically
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if state.is_file() and "ckpt-" in state.read_text():
-                self.proc.send_signal(self.sig)
-                self.signalled = True
-                break
-            time.sleep(0.02)
-        else:
-            self.proc.kill()
-        self.output = self.proc.communicate(timeout=self.timeout)[0]
-
-    def finish(self):
-        self.thread.join(self.timeout)
-        assert self.signalled, f"fit ended before its first checkpoint:\n{self.output[-3000:]}"
-        return self
-
-
 @pytest.mark.slow
 def test_fit_with_sampling_and_sigterm_resume_ends_with_the_same_weights(tmp_path):
     root = make_spots_dataset(tmp_path / "data")
     config = write_config(
-        tmp_path / "sampling.yaml", root, model={"depth": 2, "base_filters": 4, "dropout": 0.3},
+        tmp_path / "sampling.yaml", root, base=SAMPLING_TINY, model={"depth": 2, "base_filters": 4, "dropout": 0.3},
         train={"epochs": 3, "steps_per_epoch": 4, "checkpoint_every_steps": 3, "learning_rate": 0.01, "seed": 1,
                "deterministic": True},
     )

@@ -2,57 +2,18 @@
 --resume, ends with the same weights, history and metrics as an uninterrupted run with the same seed."""
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import REPO, history, invoke, make_stripes_dataset, stopped_at_step, weights_of, write_config
+from tests.helpers import Interruption, history, invoke, make_stripes_dataset, stopped_at_step, weights_of, write_config
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4  # per epoch; checkpoints every 3 steps and at each epoch end: 3, 4, 6, 8, 9, 12
-
-
-class Interruption:
-    """A `segtrain fit` subprocess that receives `sig` as soon as its first checkpoint exists (watched by a thread)."""
-
-    def __init__(self, config, run, sig, timeout=240):
-        self.run, self.sig, self.timeout = run, sig, timeout
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "segtrain", "fit", str(config), "--out", str(run)],
-            cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.signalled = False
-        self.output = ""
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-
-    def _watch(self):
-        state = self.run / "checkpoints" / "checkpoint"  # TF writes it last, atomically
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if state.is_file() and "ckpt-" in state.read_text():
-                self.proc.send_signal(self.sig)
-                self.signalled = True
-                break
-            time.sleep(0.02)
-        else:
-            self.proc.kill()
-        self.output = self.proc.communicate(timeout=self.timeout)[0]
-
-    def finish(self):
-        self.thread.join(self.timeout)
-        assert self.signalled, f"fit ended before its first checkpoint:\n{self.output[-3000:]}"
-        return self
 
 
 @pytest.fixture(scope="module")

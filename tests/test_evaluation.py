@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from click.testing import CliRunner
 from PIL import Image
 
 from segtrain.evaluation import PerImage, foreground_score, write_reports
 from segtrain.metrics import metrics_from_confusion
+from tests.helpers import invoke, make_stripes_dataset, write_config
 
 CLASSES = ["background", "road", "car"]
 
@@ -138,45 +137,13 @@ def test_gallery_height_grows_with_its_rows_and_stops_at_six(tmp_path):
 # A tiny trained run (the few lines of tests/test_cli.py's setup it needs)
 # --------------------------------------------------------------------------------------
 
-TINY = {
-    "model": {"depth": 2, "base_filters": 4},
-    "data": {"classes": ["background", "stripe"], "mask": {"threshold": 127}, "crop": 16, "batch_size": 4},
-    "loss": {"terms": [{"name": "cross_entropy"}], "class_weights": "balanced"},
-    "train": {"epochs": 2, "steps_per_epoch": 2, "learning_rate": 0.01, "seed": 1},
-}
-
-
-def _stripes(root, n_train=6, n_val=4, size=32, seed=0):
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n_train), ("val", n_val)):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir(parents=True)
-        for i in range(count):
-            mask = np.zeros((size, size), np.uint8)
-            for x in rng.choice(size - 4, size=2, replace=False):
-                mask[:, x : x + 3] = 255
-            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
-            image[mask > 0] = rng.integers(180, 255, (int((mask > 0).sum()), 3)).astype(np.uint8)
-            Image.fromarray(image).save(root / split / "images" / f"img{i:02d}.png")
-            Image.fromarray(mask).save(root / split / "masks" / f"img{i:02d}.png")
-    return root
-
-
-def _invoke(*args):
-    from segtrain.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.mark.slow
 def test_per_image_matrices_sum_to_the_split_matrix_on_a_trained_run(tmp_path):
-    root = _stripes(tmp_path / "stripes")
-    config = dict(TINY, data=dict(TINY["data"], root=str(root)))
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    root = make_stripes_dataset(tmp_path / "stripes", n_val=4)
     run = tmp_path / "run"
-    result = _invoke("fit", tmp_path / "tiny.yaml", "--out", run)
+    result = invoke("fit", write_config(tmp_path / "tiny.yaml", root), "--out", run)
     assert result.exit_code == 0, result.output
-    result = _invoke("eval", "--checkpoint", run, "--out", tmp_path / "eval", "--worst", 3)
+    result = invoke("eval", "--checkpoint", run, "--out", tmp_path / "eval", "--worst", 3)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     rows = _read_csv(tmp_path / "eval" / "per_image.csv")

@@ -26,7 +26,6 @@ from typing import Optional
 
 import numpy as np
 
-from segtrain.labels import IGNORE_INDEX
 
 MAX_POINTS = 32
 """Coordinates kept per image and class."""
