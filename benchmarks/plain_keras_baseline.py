@@ -2,7 +2,8 @@
 
 Loads the training images into memory, takes random crops with random flips, trains a
 simple U-Net (the same size as segtrain's: conv-BN-ReLU twice per level, max-pool down,
-transposed convolution up) with plain binary cross-entropy, Adam at Keras's default
+transposed convolution up, BatchNorm momentum 0.9 as in segtrain so its moving statistics
+keep up in a short run) with plain binary cross-entropy, Adam at Keras's default
 learning rate, `model.fit`, for a wall-clock budget; then predicts the whole validation
 images, thresholds the sigmoid at 0.5, and scores them with segtrain's metrics
 (`confusion_matrix_np` + `metrics_from_confusion`, one confusion matrix over the split).
@@ -46,7 +47,9 @@ def unet(channels: int, depth: int = 4, filters: int = 16) -> keras.Model:
     def block(x, f):
         for _ in range(2):
             x = layers.Conv2D(f, 3, padding="same", use_bias=False)(x)
-            x = layers.BatchNormalization()(x)
+            # momentum 0.9, as segtrain's U-Net: with Keras's 0.99 the moving statistics lag the weights for
+            # the first few hundred steps and the validation output is wrong for reasons that are not the loss
+            x = layers.BatchNormalization(momentum=0.9)(x)
             x = layers.Activation("relu")(x)
         return x
 
