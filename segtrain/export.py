@@ -1,6 +1,7 @@
 """`segtrain export`: a trained run as a self-contained model for TF Serving, ONNX Runtime or TFLite.
 
-The exported model takes raw images (uint8, any height and width, a batch of one size) and
+The exported model takes raw images (uint8, or uint16 when the run was trained on 16-bit
+images; any height and width, a batch of one size) and
 does inside what `segtrain predict` does around the `.keras` file: resize as in training
 (`data.resize`), reflect-pad to a multiple of 2**depth and crop back, flip test-time
 augmentation when the run's `predict.tta` is on, the run's temperature (calibration.json, unless
@@ -40,7 +41,12 @@ class ExportError(SegtrainError):
     """A format's converter is missing or failed; the message says how to get it or what broke."""
 
 
-def serving_module(model, config: Config, temperature: float = 1.0):
+INPUT_SCALE = {"uint8": 1.0, "uint16": 255.0 / 65535.0}
+"""Exported input types and the factor that brings their values to the 8-bit scale the model reads (as files are
+read: `segtrain.data.images.read_image`)."""
+
+
+def serving_module(model, config: Config, temperature: float = 1.0, input_type: str = "uint8"):
     """A tf.Module whose `serve(images)` maps uint8 images (B, H, W, C) to labels and probabilities.
 
     `temperature` divides the logits before softmax/sigmoid (each flip's, as `segtrain.inference` does);
@@ -67,9 +73,11 @@ def serving_module(model, config: Config, temperature: float = 1.0):
         return (outputs[0] + tf.reverse(outputs[1], [2]) + tf.reverse(outputs[2], [1])) / 3.0
 
     class Serving(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="images")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], input_type, name="images")])
         def serve(self, images):
             x = tf.cast(images, tf.float32)
+            if INPUT_SCALE[input_type] != 1.0:
+                x = x * INPUT_SCALE[input_type]
             height, width = tf.shape(x)[1], tf.shape(x)[2]
             if config.data.resize is not None:
                 x = tf.image.resize(x, config.data.resize, method="bilinear")
@@ -90,7 +98,8 @@ def serving_module(model, config: Config, temperature: float = 1.0):
     return module
 
 
-def export_metadata(config: Config, config_text: str, channels: int, temperature: float = 1.0) -> dict:
+def export_metadata(config: Config, config_text: str, channels: int, temperature: float = 1.0,
+                    input_type: str = "uint8") -> dict:
     """What a consumer of the exported model needs besides the model itself."""
     from segtrain.decision import decision_cost_matrix
 
@@ -102,7 +111,7 @@ def export_metadata(config: Config, config_text: str, channels: int, temperature
         "labels_to_mask": {"kind": "palette" if mapping.rgb else "values", "values": encoded.tolist()},
         "decision": {"rule": config.predict.decision, "threshold": config.predict.threshold,
                      "cost_matrix": None if matrix is None else np.asarray(matrix).tolist()},
-        "input": {"channels": channels, "dtype": "uint8", "layout": "B x H x W x C, raw pixel values",
+        "input": {"channels": channels, "dtype": input_type, "layout": "B x H x W x C, raw pixel values",
                   "resize": config.data.resize, "pad_to_multiple_of": 2**config.model.depth},
         "outputs": {"labels": "int32 B x H x W class indices",
                     "probabilities": "float32 B x H x W x K, classes in the order of `classes`"},
@@ -130,7 +139,8 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
 
     model = load_model(model_path)
     temperature = load_temperature(model_path, config, log)
-    module = serving_module(model, config, temperature)
+    input_type = _input_type(run_folder)
+    module = serving_module(model, config, temperature, input_type)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / MODEL_FILES["saved_model"]
     _save_saved_model(module, saved)
@@ -138,11 +148,27 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
         _saved_model_to_onnx(saved, out_dir / MODEL_FILES["onnx"])
     elif fmt == "tflite":
         _saved_model_to_tflite(saved, out_dir / MODEL_FILES["tflite"])
-    info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]), temperature)
+    info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]), temperature,
+                           input_type)
     info.update({"format": fmt, "model": MODEL_FILES[fmt], "source": str(model_path)})
     write_json(info, out_dir / "metadata.json")
     log(f"Exported {model_path} as {fmt} -> {out_dir / MODEL_FILES[fmt]} (+ metadata.json)")
     return out_dir
+
+
+def _input_type(run_folder: Path) -> str:
+    """The sample type the run was trained on (run.json; runs written before it was recorded: uint8)."""
+    import json
+
+    from segtrain.runs import RUN_INFO
+
+    info_path = run_folder / RUN_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    input_type = info.get("input_sample_type", "uint8")
+    if input_type not in INPUT_SCALE:
+        raise ExportError(f"{info_path}: the run was trained on {input_type} images; the export takes "
+                          f"{' or '.join(INPUT_SCALE)} images only.")
+    return input_type
 
 
 def _save_saved_model(module, path: Path) -> None:

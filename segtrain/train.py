@@ -19,7 +19,7 @@ import numpy as np
 from segtrain.atomic import write_json
 from segtrain.config import Config, save_config
 from segtrain.data.discovery import Pair, find_pairs
-from segtrain.data.images import image_channels
+from segtrain.data.images import image_channels, image_sample_type
 from segtrain.data.masks import MaskMapping
 from segtrain.data.scan import scan_pairs, scan_training_set
 from segtrain.errors import CheckpointError, DataError
@@ -156,6 +156,7 @@ def _write_run_header(config: Config, prepared: PreparedData, engine, run_dir: P
     write_json(prepared.class_stats, run_dir / "class_stats.json")
     write_json({"in_channels": prepared.channels, "num_classes": len(config.data.classes),
                 "precision": engine.policy, "replicas": engine.replicas,
+                "input_sample_type": image_sample_type(prepared.train_pairs[0].image),
                 "config_file": str(config_path) if config_path else None}, run_dir / RUN_INFO)
 
 

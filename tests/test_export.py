@@ -117,3 +117,29 @@ def test_export_refuses_a_non_empty_folder_and_an_unknown_format(run, tmp_path):
     assert result.exit_code == 2 and "not empty" in result.output and "Traceback" not in result.output
     assert (out / "keep.txt").read_text() == "mine"
     assert invoke("export", run, "--format", "pickle").exit_code == 2
+
+
+def test_a_run_trained_on_16_bit_images_exports_a_uint16_input(tmp_path):
+    """16-bit PNGs (the 8-bit stripes times 257): the export takes uint16 pixels and scales them as files are read."""
+    from tests.helpers import make_stripes_dataset, write_config
+
+    root = make_stripes_dataset(tmp_path / "data8", n_train=4, n_val=1)
+    for path in root.rglob("images/*.png"):
+        gray = np.array(Image.open(path).convert("L")).astype(np.uint16) * 257
+        Image.fromarray(gray).save(path)  # uint16 arrays become I;16 images
+    config = write_config(tmp_path / "c.yaml", root, train={"epochs": 1, "steps_per_epoch": 2})
+    run = tmp_path / "run"
+    assert invoke("fit", config, "--out", run).exit_code == 0
+    assert json.loads((run / "run.json").read_text())["input_sample_type"] == "uint16"
+    out = tmp_path / "export"
+    assert invoke("export", run, "--out", out).exit_code == 0
+    assert json.loads((out / "metadata.json").read_text())["input"]["dtype"] == "uint16"
+
+    image = np.array(Image.open(root / "val" / "images" / "img00.png"))
+    assert image.dtype == np.uint16 and image.max() > 255
+    labels, probabilities = run_saved_model(out, image[..., None])
+    import segtrain
+
+    expected = segtrain.load(run).predict(image)
+    np.testing.assert_allclose(probabilities, expected.probabilities, atol=PROB_ATOL, rtol=0)
+    assert np.all(np.abs(expected.probabilities[..., 1][labels != expected.labels] - 0.5) < PROB_ATOL)

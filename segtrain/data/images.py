@@ -90,6 +90,19 @@ def image_channels(path: Path) -> int:
         raise DataError(f"{path}: cannot read the image ({exc}). Replace or remove the corrupt file.") from None
 
 
+def image_sample_type(path: Path) -> str:
+    """The file's sample type as an export would take it: "uint8", "uint16", "float32" or "int32"."""
+    try:
+        with Image.open(path) as image:
+            if image.mode == "F":
+                return "float32"
+            if image.mode.startswith("I;16") or (image.mode == "I" and _integer_peak(image) == 65535.0):
+                return "uint16"
+            return "int32" if image.mode == "I" else "uint8"
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the image ({exc}). Replace or remove the corrupt file.") from None
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) read from the header only."""
     try:
