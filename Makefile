@@ -18,7 +18,7 @@ fit: $(STAMP)
 	$(BIN)/segtrain fit configs/roads.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 data-samples: $(STAMP)
 	$(BIN)/python scripts/make_data_samples.py
