@@ -61,7 +61,7 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None,
         train = scan_training_set(data, description="class statistics")
         val_pairs = find_pairs(data.root, data.val_split)
         scan_pairs(val_pairs, train.mapping, train.channels, data.max_image_pixels, None,
-                   description="checking val pairs")
+                   description="checking val pairs", reference=train.pairs[0].image)
         train_pairs, mapping, channels, counter = train
     else:
         if list(cached_stats.get("classes", [])) != list(data.classes):

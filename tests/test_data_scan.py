@@ -47,3 +47,29 @@ def test_scan_decodes_images_and_reports_the_first_bad_pair(tmp_path):
     image.write_bytes(image.read_bytes()[:2000])  # header intact, pixel data truncated
     with pytest.raises(DataError, match="p3.png"):
         scan_pairs(pairs, mapping, 1, 10**8, ClassCounter(2))
+
+
+def test_images_that_disagree_in_channels_are_refused_naming_both_files(tmp_path):
+    from segtrain.config import DataConfig
+    from segtrain.data.scan import scan_training_set
+
+    rng = np.random.default_rng(0)
+    mask = (rng.random((8, 8)) > 0.5).astype(np.uint8) * 255
+    write_pair(tmp_path, "train", "a", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), mask)
+    write_pair(tmp_path, "train", "b", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), mask)
+    data = DataConfig(root=str(tmp_path), classes=["background", "fg"], mask=MaskConfig(threshold=127))
+    assert scan_training_set(data).channels == 3  # all colour: accepted
+    write_pair(tmp_path, "train", "c", rng.integers(0, 255, (8, 8), dtype=np.uint8), mask)  # one grayscale
+    with pytest.raises(DataError) as info:
+        scan_training_set(data)
+    message = info.value.message
+    assert "c.png: 1 channel (grayscale)" in message and "a.png has 3 channels (colour)" in message
+    # through the command line: exit 2, one message, nothing written
+    from tests.helpers import invoke, write_config
+
+    write_pair(tmp_path, "val", "v", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), mask)
+    config = write_config(tmp_path / "c.yaml", tmp_path, data={"crop": None, "classes": ["background", "fg"],
+                                                              "mask": {"threshold": 127}, "batch_size": 1})
+    result = invoke("fit", config, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "Traceback" not in result.output and "c.png: 1 channel" in result.output
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -29,15 +30,27 @@ def load_mask(pair: Pair, mapping: MaskMapping, max_pixels: int) -> np.ndarray:
     return mapping.to_classes(raw, pair.mask)
 
 
-def check_pair(pair: Pair, mapping: MaskMapping, channels: int, max_pixels: int) -> np.ndarray:
-    """Decode the image fully (a truncated file fails here, not mid-training) and return the class mask."""
+def check_pair(pair: Pair, mapping: MaskMapping, channels: int, max_pixels: int,
+               reference: Optional[Path] = None) -> np.ndarray:
+    """Decode the image fully (a truncated file fails here, not mid-training) and return the class mask.
+
+    With `reference` (the image the data set's channels were read from), an image with another
+    channel count is refused, naming both files.
+    """
+    if reference is not None and image_channels(pair.image) != channels:
+        kinds = {1: "1 channel (grayscale)", 3: "3 channels (colour)"}
+        raise DataError(
+            f"{pair.image}: {kinds[image_channels(pair.image)]}, but {reference} has {kinds[channels]}. "
+            "Every image of a data set needs the same channels: convert the odd ones (e.g. all to RGB) first."
+        )
     read_image(pair.image, channels, max_pixels)
     return load_mask(pair, mapping, max_pixels)
 
 
 def scan_pairs(pairs: list[Pair], mapping: MaskMapping, channels: int, max_pixels: int, counter=None,
-               description: Optional[str] = None) -> None:
-    """Check all pairs (readable, same size, mask values covered); feed each class mask to `counter`.
+               description: Optional[str] = None, reference: Optional[Path] = None) -> None:
+    """Check all pairs (readable, same size, mask values covered, and the channels of `reference` when it is
+    given); feed each class mask to `counter`.
 
     Files are decoded by a few threads (Pillow releases the GIL while decoding), in a
     bounded window, so memory does not grow with the data set; the first bad pair in
@@ -49,7 +62,7 @@ def scan_pairs(pairs: list[Pair], mapping: MaskMapping, channels: int, max_pixel
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(pairs), 4 * workers):
             window = pairs[start : start + 4 * workers]
-            for classes in pool.map(lambda p: check_pair(p, mapping, channels, max_pixels), window):
+            for classes in pool.map(lambda p: check_pair(p, mapping, channels, max_pixels, reference), window):
                 if counter is not None:
                     counter.update(classes)
                 bar.update(1)
@@ -78,5 +91,5 @@ def scan_training_set(data: DataConfig, description: Optional[str] = None) -> Tr
     mapping = MaskMapping(data.mask, data.classes)
     channels = image_channels(pairs[0].image)
     counter = ClassCounter(len(data.classes), new_locations(data))
-    scan_pairs(pairs, mapping, channels, data.max_image_pixels, counter, description)
+    scan_pairs(pairs, mapping, channels, data.max_image_pixels, counter, description, reference=pairs[0].image)
     return TrainingSet(pairs, mapping, channels, counter)
