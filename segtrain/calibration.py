@@ -239,7 +239,7 @@ def fit_calibration(model_path: Path, config, pairs, mapping, run_dir: Path, spl
     from segtrain.errors import DataError
     from segtrain.predict import Predictor
 
-    predictor = Predictor.load(Path(model_path), config, log=lambda *a, **k: None, temperature=1.0)
+    predictor = Predictor.load(Path(model_path), config, log=lambda *a, **k: None, temperature=1.0, tuned=False)
     sample = collect_logits(predictor, pairs, mapping, config.data.max_image_pixels, limit)
     if len(sample.labels) == 0:
         raise DataError(f"split {split!r}: no labelled (non-ignored) pixels to fit a temperature on.")

@@ -151,6 +151,24 @@ def calibrate(run, split):
     calibrate_run(run, split, log=click.echo)
 
 
+@cli.command(short_help="Tune the decision (threshold or prior correction, post-processing) on a labelled split.")
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--split", help="Labelled split to tune on (default: the run's data.val_split; then eval on it is optimistic).")
+@click.option("--objective", type=click.Choice(["f1", "iou", "cost"]),
+              help="What to maximise: foreground (two classes) or mean F1 / IoU, or least mean cost "
+                   "(default: cost when the run has costs, else f1 for two classes, iou for several).")
+@click.option("--postprocess/--no-postprocess", default=True, show_default=True,
+              help="Also choose per-class post-processing (remove small components, fill small holes).")
+def tune(run, split, objective, postprocess):
+    """Choose RUN's operating point on a labelled split and write RUN/operating_point.json, which eval and predict
+    then apply: the threshold (two classes) or, with predict.prior_correction: tuned, the prior-correction tau,
+    and per class the post-processing."""
+    _import_tensorflow_quietly()
+    from segtrain.tuning import tune_run
+
+    tune_run(run, split, objective, postprocess, log=click.echo)
+
+
 def _decision_from_options(decision, threshold):
     """--threshold implies --decision threshold and makes no sense with another rule."""
     if threshold is None:

@@ -86,6 +86,15 @@ def _per_class(value: Any, path: str, classes: list) -> list:
     return list(value)
 
 
+def _class_sizes(value: Any, path: str, classes: list) -> dict:
+    """{class name: pixels} with known names and whole numbers."""
+    for name, number in value.items():
+        _class_index(name, f"{path}.{name}", classes)
+        if float(number) != int(number):
+            raise ConfigError(f"{path}.{name}: expected a whole number of pixels, got {number!r}.")
+    return {str(name): int(number) for name, number in value.items()}
+
+
 def _cost_matrix(value: Any, path: str, classes: list) -> list:
     k = len(classes)
     if len(value) != k or any(len(row) != k for row in value):
@@ -104,6 +113,9 @@ Fraction = Annotated[float, Bound(">=", 0.0), Bound("<", 1.0)]
 PerClass = Annotated[Union[list[NonNegative], dict[str, NonNegative]],
                      ByClass(_per_class, "a list of numbers, one per class, or a mapping class -> number")]
 """Non-negative numbers per class: a list of K, or {class name: number} (classes left out: 1)."""
+ClassSizes = Annotated[dict[str, NonNegative], ByClass(lambda v, p, c: _class_sizes(v, p, c),
+                                                          "a mapping class -> pixels")]
+"""{class name: a number of pixels} (whole numbers)."""
 CostMatrix = Annotated[list[list[NonNegative]], ByClass(_cost_matrix, "a K x K list of rows C[true][pred]")]
 """K x K costs C[true][pred] with a zero diagonal."""
 ClassNames = Annotated[Union[list[str], str], ByClass(_class_names, "a class name or a list of class names")]
@@ -192,6 +204,11 @@ class DataConfig:
     """Class-aware crops: class name -> share of training crops centred on a random pixel of that class (e.g.
     {crack: 0.5}); shares sum to <= 1, the rest are placed uniformly, and an image without the class gets a uniform
     crop. Needs data.crop. Empty: every crop uniform."""
+    normalize: Literal["fixed", "dataset"] = "fixed"
+    """How the model scales the pixels it reads (0..255 by the fixed per-sample-type rule): `fixed` maps 0..255 to
+    [-1, 1]; `dataset` clips each channel to its 0.5th..99.5th percentiles over a seeded sample of training pixels
+    and standardises it by the clipped values' mean and standard deviation (class_stats.json; built into the
+    model as Keras layers, so a saved .keras still takes raw pixels)."""
 
 
 @dataclass
@@ -336,6 +353,17 @@ class PredictConfig:
     calibrate: bool = True
     """Use the run's calibration.json (temperature scaling, fitted by `fit` and `segtrain calibrate`) wherever
     probabilities become decisions or are written out; false: the model's own probabilities."""
+    prior_correction: Literal["none", "weights", "tuned"] = "none"
+    """Undo the training class weights before deciding, q = p / w**tau normalised (`segtrain.operating_point`):
+    none (tau 0), weights (tau 1), tuned (tau chosen by `segtrain tune` on a labelled split)."""
+    tuned: bool = True
+    """Apply the run's operating_point.json (written by `segtrain tune`: threshold, tau, post-processing) when
+    present; false: the config's settings only."""
+    min_size: Optional[ClassSizes] = None
+    """Post-processing, {class: N}: remove connected components of the class smaller than N pixels
+    (`segtrain.postprocess`); `segtrain tune` chooses it per class. null: off until tuned."""
+    max_hole: Optional[ClassSizes] = None
+    """Post-processing, {class: M}: fill holes of the class smaller than M pixels. null: off until tuned."""
 
 
 @dataclass

@@ -175,7 +175,8 @@ def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix, per_imag
     per_image.csv and (when it kept images) worst_images.png, whose ranking goes into metrics["worst_images"];
     with `reliability` (ReliabilityBins before, after the temperature) metrics["calibration"] and reliability.png."""
     from segtrain.metrics import best_f1_threshold, least_cost_threshold, pr_curve
-    from segtrain.reports import plot_confusion_matrix, plot_pr_curve, plot_worst_images, write_per_class_csv
+    from segtrain.reports import (never_predicted, plot_class_iou, plot_confusion_matrix, plot_pr_curve,
+                                  plot_worst_images, write_per_class_csv)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_per_class_csv(metrics, out_dir / "per_class.csv")
@@ -186,6 +187,9 @@ def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix, per_imag
             plot_worst_images(worst, metrics["classes"], out_dir / "worst_images.png")
             metrics["worst_images"] = [{"image": e["image_name"], "mean_foreground_iou": e["score"]} for e in worst]
     plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), metrics["classes"], out_dir / "confusion_matrix.png")
+    metrics["never_predicted"] = never_predicted(metrics)
+    if any(m["iou"] is not None for m in metrics["per_class"].values()):
+        plot_class_iou(metrics, out_dir / "class_iou.png")
     if histogram is not None:
         curve = pr_curve(histogram)
         marks = {"best F1": best_f1_threshold(histogram)[0]}
@@ -231,10 +235,14 @@ def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: M
     metrics = metrics_from_confusion(cm, config.data.classes, predictor.cost_matrix)
     if relaxed is not None:
         metrics["relaxed"] = relaxed.result()
-    metrics["decision"] = {"rule": predictor.decision, "threshold": predictor.threshold}
+    metrics["decision"] = {"rule": predictor.decision, "threshold": predictor.threshold, "prior_correction_tau": predictor.tau,
+                           "postprocess": {config.data.classes[c]: list(v) for c, v in predictor.postprocess.items()}}
+    if predictor.operating_point is not None:
+        metrics["operating_point"] = predictor.operating_point.summary()
     metrics["model"] = str(model_path)
     write_reports(metrics, histogram, out_dir, predictor.cost_matrix, per_image, reliability, predictor.temperature)
     log(format_metrics_table(metrics))
+    log(f"Decision: {predictor.describe()}")
     calibration = metrics["calibration"]
     log(f"Calibration (T = {calibration['temperature']:.4f}): ECE {_fmt(calibration['ece_before'])} before, "
         f"{_fmt(calibration['ece_after'])} after ({calibration['ece_bins']} bins)")
@@ -270,6 +278,11 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
     metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, decision, threshold, relaxed_rho, log=log,
                            worst=worst)
     metrics["split"] = split
+    point = metrics.get("operating_point")
+    if point is not None and point.get("split") == split:
+        point["warning"] = (f"the operating point was tuned on {split!r}, the split scored here: these figures are "
+                            "optimistic; tune on another labelled split (or half of this one) to report honestly.")
+        log(f"warning: {point['warning']}")
     metrics["data_root"] = str(config.data.root)
     write_json(metrics, out_dir / "metrics.json")
     log(f"Wrote {out_dir / 'metrics.json'}, per_class.csv, per_image.csv and plots.")

@@ -46,17 +46,23 @@ INPUT_SCALE = {"uint8": 1.0, "uint16": 255.0 / 65535.0}
 read: `segtrain.data.images.read_image`)."""
 
 
-def serving_module(model, config: Config, temperature: float = 1.0, input_type: str = "uint8"):
+def serving_module(model, config: Config, temperature: float = 1.0, input_type: str = "uint8", decision=None):
     """A tf.Module whose `serve(images)` maps uint8 images (B, H, W, C) to labels and probabilities.
 
     `temperature` divides the logits before softmax/sigmoid (each flip's, as `segtrain.inference` does);
-    1.0 adds no operation to the graph."""
+    1.0 adds no operation to the graph. `decision`, a `segtrain.predict.Predictor`, gives the rule, threshold,
+    costs and prior correction (tau, class weights) when a tuned operating point changes them; None: the
+    config's rule without correction."""
     import tensorflow as tf
 
     from segtrain.decision import decide_tf, decision_cost_matrix, probabilities_tf
+    from segtrain.operating_point import prior_adjust_tf
 
     predict, divisor = config.predict, 2**config.model.depth
-    cost_matrix = decision_cost_matrix(config)
+    rule, threshold = (predict.decision, predict.threshold) if decision is None else (decision.decision,
+                                                                                      decision.threshold)
+    cost_matrix = decision_cost_matrix(config) if decision is None else decision.cost_matrix
+    tau, weights = (0.0, None) if decision is None else (decision.tau, decision.class_weights)
     channels = int(model.input_shape[-1])
 
     def probabilities(x):
@@ -90,7 +96,7 @@ def serving_module(model, config: Config, temperature: float = 1.0, input_type: 
             probs = forward(padded)[:, : tf.shape(x)[1], : tf.shape(x)[2], :]
             if config.data.resize is not None:
                 probs = tf.image.resize(probs, tf.stack([height, width]), method="bilinear")
-            labels = decide_tf(probs, predict.decision, predict.threshold, cost_matrix)
+            labels = decide_tf(prior_adjust_tf(probs, weights, tau), rule, threshold, cost_matrix)
             return {"labels": tf.cast(labels, tf.int32), "probabilities": tf.cast(probs, tf.float32)}
 
     module = Serving()
@@ -99,18 +105,32 @@ def serving_module(model, config: Config, temperature: float = 1.0, input_type: 
 
 
 def export_metadata(config: Config, config_text: str, channels: int, temperature: float = 1.0,
-                    input_type: str = "uint8") -> dict:
-    """What a consumer of the exported model needs besides the model itself."""
+                    input_type: str = "uint8", decision=None) -> dict:
+    """What a consumer of the exported model needs besides the model itself (`decision`: as serving_module)."""
     from segtrain.decision import decision_cost_matrix
 
     mapping = MaskMapping(config.data.mask, config.data.classes)
     encoded = mapping.encode(np.arange(len(config.data.classes)))
-    matrix = decision_cost_matrix(config)
+    matrix = decision_cost_matrix(config) if decision is None else decision.cost_matrix
+    rule, threshold = (config.predict.decision, config.predict.threshold) if decision is None else (
+        decision.decision, decision.threshold)
+    tau = 0.0 if decision is None else decision.tau
+    postprocess = {} if decision is None else {config.data.classes[c]: {"min_size": n, "max_hole": m}
+                                               for c, (n, m) in decision.postprocess.items()}
+    point = None if decision is None or decision.operating_point is None else decision.operating_point.summary()
     return {
         "classes": list(config.data.classes),
         "labels_to_mask": {"kind": "palette" if mapping.rgb else "values", "values": encoded.tolist()},
-        "decision": {"rule": config.predict.decision, "threshold": config.predict.threshold,
-                     "cost_matrix": None if matrix is None else np.asarray(matrix).tolist()},
+        "decision": {"rule": rule, "threshold": threshold,
+                     "cost_matrix": None if matrix is None else np.asarray(matrix).tolist(),
+                     "prior_correction": {"tau": tau, "class_weights": None if not tau else decision.class_weights,
+                                          "applied": "labels from q = p / w**tau normalised, inside the model"},
+                     "operating_point": point},
+        "postprocess": {"settings": postprocess,
+                        "applied": "NOT inside the model: remove connected components (8-connected) of a class "
+                                   "smaller than min_size pixels (they take the next most probable class) and fill "
+                                   "its holes (4-connected, not touching the border) smaller than max_hole pixels, "
+                                   "as segtrain.postprocess does" if postprocess else None},
         "input": {"channels": channels, "dtype": input_type, "layout": "B x H x W x C, raw pixel values",
                   "resize": config.data.resize, "pad_to_multiple_of": 2**config.model.depth},
         "outputs": {"labels": "int32 B x H x W class indices",
@@ -137,10 +157,20 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
         raise CheckpointError(f"{out_dir}: the export folder exists and is not empty; pass another --out.")
     from segtrain.calibration import load_temperature
 
+    from segtrain.operating_point import load_operating_point, run_class_weights
+    from segtrain.predict import Predictor
+
     model = load_model(model_path)
     temperature = load_temperature(model_path, config, log)
+    decision = Predictor(model, config, log=log, temperature=temperature,
+                         operating_point=load_operating_point(model_path, config, temperature, log),
+                         class_weights=run_class_weights(run_folder, len(config.data.classes)))
+    if decision.postprocess:
+        log("note: the run's post-processing (" + ", ".join(f"{config.data.classes[c]} min_size {n} max_hole {m}"
+            for c, (n, m) in decision.postprocess.items()) + ") is not inside the exported model; metadata.json "
+            "describes it for the consumer to apply.")
     input_type = _input_type(run_folder)
-    module = serving_module(model, config, temperature, input_type)
+    module = serving_module(model, config, temperature, input_type, decision)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / MODEL_FILES["saved_model"]
     _save_saved_model(module, saved)
@@ -149,7 +179,7 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
     elif fmt == "tflite":
         _saved_model_to_tflite(saved, out_dir / MODEL_FILES["tflite"])
     info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]), temperature,
-                           input_type)
+                           input_type, decision)
     info.update({"format": fmt, "model": MODEL_FILES[fmt], "source": str(model_path)})
     write_json(info, out_dir / "metadata.json")
     log(f"Exported {model_path} as {fmt} -> {out_dir / MODEL_FILES[fmt]} (+ metadata.json)")

@@ -33,25 +33,32 @@ def tile_size(config: Config) -> int:
 
 
 class Predictor:
-    """A loaded model plus the decision rule: image array in, class-index mask out.
+    """A loaded model plus the decision: image array in, class-index mask out.
 
     `decision`, `threshold` and `tta` override the config's `predict` section (None keeps
     it) and get the config's checks. `temperature` divides the logits before they become
     probabilities (`segtrain.calibration`; `load` reads it from the run's calibration.json unless
-    predict.calibrate is false); 1.0 leaves them as they are.
+    predict.calibrate is false); 1.0 leaves them as they are. `operating_point` (what `segtrain tune`
+    chose, `segtrain.operating_point`) and `class_weights` (the run's, for predict.prior_correction) make
+    the rest of the decision: prior correction, then the rule (a tuned threshold replaces the config's
+    rule unless `decision` or `threshold` is given), then post-processing.
     """
 
     def __init__(self, model, config: Config, decision: Optional[str] = None, threshold: Optional[float] = None,
-                 tta: Optional[bool] = None, log=click.echo, temperature: float = 1.0):
+                 tta: Optional[bool] = None, log=click.echo, temperature: float = 1.0,
+                 operating_point=None, class_weights=None):
         from segtrain.config import check_predict
         from segtrain.decision import decision_cost_matrix
 
         self.model = model
         self.channels = int(model.input_shape[-1])
+        self.operating_point = operating_point
+        tuned_threshold = None if operating_point is None else operating_point.threshold
+        use_tuned = tuned_threshold is not None and decision is None and threshold is None
         predict = dataclasses.replace(
             config.predict,
-            decision=decision or config.predict.decision,
-            threshold=threshold if threshold is not None else config.predict.threshold,
+            decision="threshold" if use_tuned else (decision or config.predict.decision),
+            threshold=tuned_threshold if use_tuned else (threshold if threshold is not None else config.predict.threshold),
             tta=config.predict.tta if tta is None else tta,
         )
         self.config = dataclasses.replace(config, predict=predict)
@@ -61,22 +68,52 @@ class Predictor:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        self.class_weights = class_weights
+        self.tau = self._tau(predict.prior_correction, log)
+        self.postprocess = self._postprocess_settings()
         own_costs = any(v is not None for v in (predict.fp_cost, predict.fn_cost, predict.cost_matrix))
         if self.decision == "cost" and not own_costs:
             log("warning: decision=cost uses the cost_sensitive loss term's costs, which the model has already "
                 "learnt, so they count twice; prefer argmax for a cost-trained model, or train with plain "
                 "cross-entropy and set predict.fp_cost / predict.fn_cost for the decision.")
 
+    def _tau(self, prior_correction: str, log) -> float:
+        if prior_correction == "none":
+            return 0.0
+        if prior_correction == "weights":
+            return 1.0
+        if self.operating_point is None or self.operating_point.tau is None:
+            log("warning: predict.prior_correction is 'tuned' but the run has no tuned tau (operating_point.json); "
+                "no correction is applied. Run `segtrain tune RUN --split SPLIT` on a labelled split first.")
+            return 0.0
+        return float(self.operating_point.tau)
+
+    def _postprocess_settings(self) -> dict[int, tuple[int, int]]:
+        """{class index: (min_size, max_hole)}: the config's, each class replaced by the tuned one."""
+        classes = list(self.config.data.classes)
+        predict = self.config.predict
+        settings = {}
+        for name in classes:
+            min_size = (predict.min_size or {}).get(name, 0)
+            max_hole = (predict.max_hole or {}).get(name, 0)
+            if self.operating_point is not None and name in self.operating_point.postprocess:
+                min_size, max_hole = self.operating_point.postprocess[name]
+            if min_size > 0 or max_hole > 0:
+                settings[classes.index(name)] = (int(min_size), int(max_hole))
+        return settings
+
     @classmethod
     def load(cls, model_path: Path, config: Config, decision: Optional[str] = None,
              threshold: Optional[float] = None, tta: Optional[bool] = None, log=click.echo,
-             temperature: Optional[float] = None) -> "Predictor":
+             temperature: Optional[float] = None, tuned: bool = True) -> "Predictor":
         """Load a saved model, check its outputs against the config's classes, and wrap it.
 
         `temperature` None: the run's calibration.json for this model file (`segtrain.calibration.load_temperature`:
-        1.0 without one, or with predict.calibrate false)."""
+        1.0 without one, or with predict.calibrate false). `tuned`: apply the run's operating_point.json
+        (`segtrain.operating_point.load_operating_point`); false: the config's decision settings only."""
         from segtrain.calibration import load_temperature
         from segtrain.model import output_channels
+        from segtrain.operating_point import load_operating_point, run_class_weights
 
         model = load_model(model_path)
         expected = output_channels(len(config.data.classes))
@@ -88,7 +125,9 @@ class Predictor:
             )
         if temperature is None:
             temperature = load_temperature(model_path, config, log)
-        return cls(model, config, decision, threshold, tta, log, temperature)
+        point = load_operating_point(model_path, config, temperature, log) if tuned else None
+        weights = run_class_weights(Path(model_path).parent, len(config.data.classes))
+        return cls(model, config, decision, threshold, tta, log, temperature, point, weights)
 
     def probabilities(self, image: np.ndarray, calibrated: bool = True) -> np.ndarray:
         """Class probabilities H x W x K at the image's own size (resized like training when data.resize is set),
@@ -120,11 +159,37 @@ class Predictor:
             out = tf.image.resize(out, (height, width), method="bilinear").numpy()
         return out
 
-    def labels(self, probabilities: np.ndarray) -> np.ndarray:
-        """Class indices H x W by the decision rule."""
-        from segtrain.decision import decide
+    def adjusted(self, probabilities: np.ndarray) -> np.ndarray:
+        """The probabilities the rule reads: prior-corrected by the run's class weights when tau > 0."""
+        from segtrain.operating_point import prior_adjust
 
-        return decide(probabilities, self.decision, threshold=self.threshold, cost_matrix=self.cost_matrix)
+        return prior_adjust(probabilities, self.class_weights, self.tau)
+
+    def labels(self, probabilities: np.ndarray) -> np.ndarray:
+        """Class indices H x W: prior correction, the decision rule, post-processing (class docstring)."""
+        from segtrain.decision import decide
+        from segtrain.postprocess import postprocess, second_choice
+
+        q = self.adjusted(probabilities)
+        labels = decide(q, self.decision, threshold=self.threshold, cost_matrix=self.cost_matrix)
+        if self.postprocess:
+            labels = postprocess(labels, second_choice(q, labels), self.postprocess)
+        return labels
+
+    def describe(self) -> str:
+        """The decision in words, for log lines."""
+        parts = [self.decision + (f" {self.threshold:.4g}" if self.decision == "threshold" else "")]
+        if self.temperature != 1.0:
+            parts.append(f"temperature {self.temperature:.4f}")
+        if self.tau:
+            parts.append(f"prior correction tau {self.tau:.3g}")
+        if self.postprocess:
+            names = self.config.data.classes
+            parts.append("post-processing " + ", ".join(f"{names[c]} min_size {n} max_hole {m}"
+                                                         for c, (n, m) in self.postprocess.items()))
+        if self.operating_point is not None:
+            parts.append(f"tuned on {self.operating_point.info.get('split')}")
+        return ", ".join(parts)
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -170,8 +235,7 @@ def predict_images(images: list[Path], checkpoint: Optional[str], out_dir: Optio
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in tqdm(images, desc="predicting", unit="image", disable=None):
         _predict_one(predictor, mapping, path, out_dir, probabilities_format if probabilities else None, overlay)
-    calibrated = "" if predictor.temperature == 1.0 else f", temperature {predictor.temperature:.4f}"
-    log(f"Wrote {len(images)} mask(s) to {out_dir} (model {model_path}, decision {predictor.decision}{calibrated}).")
+    log(f"Wrote {len(images)} mask(s) to {out_dir} (model {model_path}, decision {predictor.describe()}).")
     return out_dir
 
 

@@ -82,7 +82,15 @@ def format_metrics_table(metrics):
         lines.append(f"{(label + ':').ljust(label_width)} {_fmt(value)}")
     if "num_pixels" in metrics:
         lines.append(f"{'Pixels:'.ljust(label_width)} {metrics['num_pixels']}")
+    never = never_predicted(metrics)
+    if never:
+        lines.append(f"Never predicted (in the truth, no pixel predicted as them): {', '.join(never)}")
     return "\n".join(lines)
+
+
+def never_predicted(metrics):
+    """Classes present in the truth that no pixel was predicted as (precision undefined, support > 0)."""
+    return [name for name, m in metrics["per_class"].items() if m["support"] > 0 and m["precision"] is None]
 
 
 def write_per_class_csv(metrics, path):
@@ -208,6 +216,36 @@ def plot_pr_curve(curve, path, marks=None):
     ax.set_title("Precision-recall (foreground)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
+    _save_figure(fig, path)
+
+
+def plot_class_iou(metrics, path):
+    """Per-class IoU as horizontal bars (classes in index order, value printed on each), the mean IoU as a
+    line; classes never predicted are red and say so, absent classes are left out and named."""
+    names = list(metrics["per_class"])
+    iou = [metrics["per_class"][n]["iou"] for n in names]
+    never = set(never_predicted(metrics))
+    shown = [(n, v) for n, v in zip(names, iou) if v is not None]
+    if not shown:
+        raise ValueError("no class with an IoU to draw")
+    fig = _new_figure((6.5, 0.4 * len(shown) + 1.5))
+    ax = fig.add_subplot()
+    y = np.arange(len(shown))
+    colours = ["tab:red" if n in never else "tab:blue" for n, _ in shown]
+    ax.barh(y, [v for _, v in shown], color=colours)
+    for i, (n, v) in enumerate(shown):
+        ax.text(min(v, 0.85) + 0.01, i, f"{v:.3f}" + (" never predicted" if n in never else ""), va="center",
+                fontsize=8)
+    ax.set_yticks(y, labels=[n for n, _ in shown])
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("IoU")
+    if metrics.get("mean_iou") is not None:
+        ax.axvline(metrics["mean_iou"], color="grey", ls="--", lw=1, label=f"mean IoU {metrics['mean_iou']:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    absent = [n for n, v in zip(names, iou) if v is None]
+    ax.set_title("Per-class IoU" + (f" (absent: {', '.join(absent)})" if absent else ""))
+    ax.grid(axis="x", alpha=0.3)
     _save_figure(fig, path)
 
 

@@ -48,6 +48,29 @@ def make_stripes_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int
     return root
 
 
+def make_three_class_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: int = 32, seed: int = 0) -> Path:
+    """Class 1: bright red vertical stripes (a fifth of the pixels), class 2: small green squares (rare), class 0:
+    dark noise; masks hold the class index (0, 1, 2)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        for i in range(count):
+            mask = np.zeros((size, size), np.uint8)
+            for x in rng.choice(size - 4, size=2, replace=False):
+                mask[:, x : x + 3] = 1
+            for _ in range(2):
+                y, x = rng.integers(0, size - 3, 2)
+                mask[y : y + 3, x : x + 3] = 2
+            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            image[mask == 1, 0] = rng.integers(180, 255, int((mask == 1).sum()))
+            image[mask == 2, 1] = rng.integers(180, 255, int((mask == 2).sum()))
+            write_pair(root, split, f"img{i:02d}", image, mask)
+    return root
+
+
+THREE_CLASSES = {"classes": ["background", "stripe", "square"], "mask": {"values": {0: 0, 1: 1, 2: 2}}}
+"""The data section's classes and mask of make_three_class_dataset (update TINY's data section with it)."""
+
+
 # ---------------------------------------------------------------------------- the CLI
 
 
