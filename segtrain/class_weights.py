@@ -61,6 +61,9 @@ class ClassCounter:
         self.num_images = 0
         self.locations = locations
         """Optional `segtrain.data.sampling.ClassLocations` fed the same masks (class-aware sampling)."""
+        self.pixels = None
+        """Optional `segtrain.data.normalization.PixelSampler` fed the images' pixel samples by the statistics
+        pass (data.normalize: dataset); its statistics go into `class_stats_dict`'s "normalization"."""
 
     def update(self, mask):
         """Add one image's mask of class indices (IGNORE_INDEX pixels are skipped)."""
@@ -250,7 +253,8 @@ def class_stats_dict(counter, class_names, strategy="none", max_weight=None, wei
         `{"classes", "counts", "frequencies", "sampled_frequencies", "weights": {strategy: scaled weights, for
         every name in STRATEGIES}, "image_pixels", "num_images", "total_pixels", "strategy", "max_weight",
         "class_weights_from", "raw_weights", "class_weights", "warnings"}`, and with sampling "sampling"
-        ({class: share}) and "sampled_counts" (expected pixels per crop); `raw_weights` / `class_weights` are
+        ({class: share}) and "sampled_counts" (expected pixels per crop), and with a pixel sample (`counter.pixels`)
+        "normalization" (`segtrain.data.normalization`); `raw_weights` / `class_weights` are
         those of `strategy` (unscaled with null for absent classes / final), `warnings` the messages about
         absent classes.
     """
@@ -293,6 +297,8 @@ def class_stats_dict(counter, class_names, strategy="none", max_weight=None, wei
         locations = counter.locations
         stats["sampling"] = {class_names[c]: s for c, s in zip(locations.classes, locations.shares)}
         stats["sampled_counts"] = _json_floats(sampled[0])
+    if getattr(counter, "pixels", None) is not None:
+        stats["normalization"] = counter.pixels.statistics()
     return stats
 
 
@@ -336,4 +342,9 @@ def format_stats_table(stats):
         source = "sampled" if stats.get("class_weights_from", "sampled") == "sampled" else "data"
         out.append(f"sampled: class frequencies expected in training crops under data.sampling ({shares}); "
                    f"weights from the {source} frequencies (loss.class_weights_from: {source})")
+    norm = stats.get("normalization")
+    if norm is not None and norm.get("method") == "dataset":
+        out.append(f"normalization (data.normalize: dataset, {norm['pixels_sampled']} pixels sampled), per channel:")
+        for key in ("low", "high", "mean", "std"):
+            out.append(f"  {key:<4}  " + "  ".join(f"{v:9.3f}" for v in norm[key]))
     return "\n".join(out)

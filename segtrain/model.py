@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import keras
 from keras import layers
 
@@ -15,22 +17,40 @@ def _conv_block(x, filters: int, batch_norm: bool, name: str):
     return x
 
 
+def _scale_input(inputs, in_channels: int, normalization: Optional[dict]):
+    """Raw pixels to the network's scale: 0..255 -> [-1, 1] (`data.normalize: fixed`), or the training set's
+    robust statistics (`dataset`, `segtrain.data.normalization`): Rescaling maps [low, high] to [0, 1] per
+    channel, ReLU(max_value=1) clips, Normalization standardises. Keras layers only: no custom objects."""
+    if normalization is None or normalization.get("method", "fixed") == "fixed":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    from segtrain.data.normalization import model_normalization
+
+    scale, offset, mean, variance = model_normalization(normalization)
+    if len(scale) != in_channels:
+        raise ValueError(f"normalization statistics for {len(scale)} channels, but the model takes {in_channels}")
+    x = layers.Rescaling(scale, offset=offset, name="normalize_range")(inputs)
+    x = layers.ReLU(max_value=1.0, name="normalize_clip")(x)
+    return layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(x)
+
+
 def build_unet(in_channels: int, out_channels: int, depth: int = 4, base_filters: int = 16,
-               batch_norm: bool = True, dropout: float = 0.0) -> keras.Model:
-    """A U-Net taking raw pixel values (0..255) of any size divisible by 2**depth and returning logits.
+               batch_norm: bool = True, dropout: float = 0.0, normalization: Optional[dict] = None) -> keras.Model:
+    """A U-Net taking raw pixel values (0..255 scale) of any size divisible by 2**depth and returning logits.
 
     Args:
-        in_channels: 1 (grayscale) or 3 (RGB).
+        in_channels: the image's channels: 1 (grayscale), 3 (RGB) or any other band count (multispectral).
         out_channels: 1 for a binary problem (sigmoid), else the number of classes (softmax).
         depth: number of 2x down-sampling steps.
         base_filters: filters at the first level, doubled at each level down.
         batch_norm: batch normalisation after each convolution.
         dropout: dropout rate at the bottleneck.
+        normalization: None (or method "fixed"): 0..255 is mapped to [-1, 1]; the "normalization" entry of
+            class_stats.json (method "dataset"): per-channel robust statistics built in (`_scale_input`).
 
     The last layer computes in float32 so that logits stay float32 under mixed precision.
     """
     inputs = keras.Input(shape=(None, None, in_channels), name="image")
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    x = _scale_input(inputs, in_channels, normalization)
     skips = []
     for level in range(depth):
         x = _conv_block(x, base_filters * 2**level, batch_norm, f"down{level}")

@@ -49,8 +49,8 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None,
     """Find and check every pair, and count class pixels over the whole training set in one pass.
 
     On resume the counts cached in class_stats.json are reused (and the files are not
-    checked again); the weights are always recomputed from the counts, so they follow the
-    config's current loss.class_weights. With data.sampling the same pass records where each
+    checked again), and so are the pixel statistics of data.normalize: dataset; the weights are
+    always recomputed from the counts, so they follow the config's current loss.class_weights. With data.sampling the same pass records where each
     sampled class lies; on resume those locations are read from `cached_locations`
     (class_locations.npz).
     """
@@ -79,8 +79,31 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None,
         counter.num_images = cached_stats["num_images"]
     strategy = config.loss.class_weights
     stats = class_stats_dict(counter, data.classes, strategy, config.loss.max_weight, config.loss.class_weights_from)
+    if cached_stats is not None:
+        normalization = _cached_normalization(data, cached_stats, channels)
+        if normalization is not None:
+            stats["normalization"] = normalization
     weights = None if strategy == "none" else np.asarray(stats["class_weights"], dtype=np.float32)
     return PreparedData(train_pairs, val_pairs, mapping, channels, stats, weights, counter.locations)
+
+
+def _cached_normalization(data, cached_stats: dict, channels: int) -> Optional[dict]:
+    """On resume with data.normalize: dataset, the statistics the run computed (they are built into its model),
+    checked against the config and the images' channels."""
+    normalization = cached_stats.get("normalization")
+    if data.normalize != "dataset":
+        if normalization is not None:
+            raise CheckpointError("data.normalize: the run was trained with normalize: dataset (class_stats.json) but "
+                                  f"the config says {data.normalize}. Resume with the run's own config.yaml, or "
+                                  "start a new run with --out.")
+        return None
+    if normalization is None:
+        raise CheckpointError("data.normalize: the run was trained without dataset statistics (class_stats.json has "
+                              "no normalization). Resume with the run's own config.yaml, or start a new run with --out.")
+    if len(normalization.get("low", [])) != channels:
+        raise CheckpointError(f"data.normalize: the run's statistics are for {len(normalization.get('low', []))} "
+                              f"channel(s) but the images have {channels}. Resume on the run's own data.")
+    return normalization
 
 
 def _cached_locations(data, path: Optional[Path], num_pairs: int):

@@ -37,20 +37,32 @@ def check_pair(pair: Pair, mapping: MaskMapping, channels: int, max_pixels: int,
     With `reference` (the image the data set's channels were read from), an image with another
     channel count is refused, naming both files.
     """
+    return _check_and_sample(pair, mapping, channels, max_pixels, reference)[0]
+
+
+def _channels_text(channels: int) -> str:
+    return {1: "1 channel (grayscale)", 3: "3 channels (colour)"}.get(channels, f"{channels} channels")
+
+
+def _check_and_sample(pair: Pair, mapping: MaskMapping, channels: int, max_pixels: int,
+                      reference: Optional[Path] = None, pixels=None, index: int = 0):
+    """`check_pair`'s class mask, and the image's pixel sample when `pixels` (a PixelSampler) is given."""
     if reference is not None and image_channels(pair.image) != channels:
-        kinds = {1: "1 channel (grayscale)", 3: "3 channels (colour)"}
         raise DataError(
-            f"{pair.image}: {kinds[image_channels(pair.image)]}, but {reference} has {kinds[channels]}. "
+            f"{pair.image}: {_channels_text(image_channels(pair.image))}, but {reference} has "
+            f"{_channels_text(channels)}. "
             "Every image of a data set needs the same channels: convert the odd ones (e.g. all to RGB) first."
         )
-    read_image(pair.image, channels, max_pixels)
-    return load_mask(pair, mapping, max_pixels)
+    image = read_image(pair.image, channels, max_pixels)
+    sample = None if pixels is None else pixels.sample(image, index)
+    return load_mask(pair, mapping, max_pixels), sample
 
 
 def scan_pairs(pairs: list[Pair], mapping: MaskMapping, channels: int, max_pixels: int, counter=None,
                description: Optional[str] = None, reference: Optional[Path] = None) -> None:
     """Check all pairs (readable, same size, mask values covered, and the channels of `reference` when it is
-    given); feed each class mask to `counter`.
+    given); feed each class mask to `counter`, and each image's pixel sample to `counter.pixels` when it is set
+    (a `segtrain.data.normalization.PixelSampler`, for data.normalize: dataset), in file order.
 
     Files are decoded by a few threads (Pillow releases the GIL while decoding), in a
     bounded window, so memory does not grow with the data set; the first bad pair in
@@ -59,12 +71,18 @@ def scan_pairs(pairs: list[Pair], mapping: MaskMapping, channels: int, max_pixel
     workers = max(1, min(8, os.cpu_count() or 1))
     bar = tqdm(total=len(pairs), desc=description, unit="pair", leave=False,
                disable=True if description is None else None)
+    pixels = getattr(counter, "pixels", None)
+
+    def check(index: int):
+        return _check_and_sample(pairs[index], mapping, channels, max_pixels, reference, pixels, index)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(pairs), 4 * workers):
-            window = pairs[start : start + 4 * workers]
-            for classes in pool.map(lambda p: check_pair(p, mapping, channels, max_pixels, reference), window):
+            for classes, sample in pool.map(check, range(start, min(len(pairs), start + 4 * workers))):
                 if counter is not None:
                     counter.update(classes)
+                if pixels is not None:
+                    pixels.add(sample)
                 bar.update(1)
     bar.close()
 
@@ -83,7 +101,9 @@ def scan_training_set(data: DataConfig, description: Optional[str] = None) -> Tr
 
     The channels are those of the first image (every image is read with them). `description`
     labels a progress bar; None shows none. With `data.sampling`, the same pass records where
-    each sampled class lies (`counter.locations`, a `segtrain.data.sampling.ClassLocations`).
+    each sampled class lies (`counter.locations`, a `segtrain.data.sampling.ClassLocations`); with
+    `data.normalize: dataset` it samples pixel values for the normalisation statistics (`counter.pixels`, a
+    `segtrain.data.normalization.PixelSampler`).
     """
     from segtrain.data.sampling import new_locations
 
@@ -91,5 +111,9 @@ def scan_training_set(data: DataConfig, description: Optional[str] = None) -> Tr
     mapping = MaskMapping(data.mask, data.classes)
     channels = image_channels(pairs[0].image)
     counter = ClassCounter(len(data.classes), new_locations(data))
+    if data.normalize == "dataset":
+        from segtrain.data.normalization import PixelSampler
+
+        counter.pixels = PixelSampler(len(pairs))
     scan_pairs(pairs, mapping, channels, data.max_image_pixels, counter, description, reference=pairs[0].image)
     return TrainingSet(pairs, mapping, channels, counter)

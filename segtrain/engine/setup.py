@@ -68,7 +68,8 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
     steps = steps_per_epoch(len(prepared.train_pairs), config.data.batch_size, train.steps_per_epoch)
     with strategy.scope():
         model = build_unet(prepared.channels, output_channels(len(classes)), config.model.depth,
-                           config.model.base_filters, config.model.batch_norm, config.model.dropout)
+                           config.model.base_filters, config.model.batch_norm, config.model.dropout,
+                           normalization=prepared.class_stats.get("normalization"))
         if strategy.num_replicas_in_sync > 1:
             _synchronize_batch_norm(model)
         loss_fn = build_loss(config.loss, classes, prepared.class_weights)
