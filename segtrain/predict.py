@@ -282,8 +282,9 @@ _COLOURS = np.array([[0, 0, 0], [255, 40, 40], [40, 200, 255], [255, 220, 0], [1
 
 
 def _overlay(image: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """The image with non-background classes tinted in distinct colours."""
-    rgb = image if image.shape[-1] == 3 else np.repeat(image, 3, axis=-1)
+    """The image (its first three bands, or its first band in gray) with non-background classes tinted in distinct
+    colours."""
+    rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)  # multispectral: bands 1-3
     colours = _COLOURS[np.arange(num_classes) % len(_COLOURS)]
     tint = colours[labels]
     alpha = np.where(labels[..., None] > 0, 0.5, 0.0)
