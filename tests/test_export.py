@@ -143,3 +143,45 @@ def test_a_run_trained_on_16_bit_images_exports_a_uint16_input(tmp_path):
     expected = segtrain.load(run).predict(image)
     np.testing.assert_allclose(probabilities, expected.probabilities, atol=PROB_ATOL, rtol=0)
     assert np.all(np.abs(expected.probabilities[..., 1][labels != expected.labels] - 0.5) < PROB_ATOL)
+
+
+def test_export_applies_the_tuned_threshold_and_describes_post_processing(run, tmp_path):
+    import shutil
+
+    tuned = tmp_path / "run"
+    shutil.copytree(run, tuned, ignore=shutil.ignore_patterns("export"))
+    assert invoke("tune", tuned, "--objective", "iou").exit_code == 0
+    point = json.loads((tuned / "operating_point.json").read_text())
+    assert invoke("export", tuned, "--format", "saved_model", "--out", tmp_path / "e").exit_code == 0
+    info = json.loads((tmp_path / "e" / "metadata.json").read_text())
+    assert info["decision"]["rule"] == "threshold" and info["decision"]["threshold"] == point["threshold"]
+    assert info["decision"]["operating_point"]["split"] == "val"
+    min_size, max_hole = point["postprocess"]["road"]
+    if min_size or max_hole:
+        assert info["postprocess"]["settings"]["road"] == {"min_size": min_size, "max_hole": max_hole}
+        assert info["postprocess"]["applied"].startswith("NOT inside the model")
+    # the model's labels are the threshold's; predict's may differ by its post-processing only
+    for image in sample_images():
+        labels, probabilities = run_saved_model(tmp_path / "e", image)
+        decided = probabilities[..., 1] >= point["threshold"]
+        assert np.array_equal(labels == 1, decided)
+
+
+def test_export_applies_prior_correction_with_several_classes(tmp_path):
+    from tests.helpers import THREE_CLASSES, TINY, make_three_class_dataset, write_config
+
+    root = make_three_class_dataset(tmp_path / "data", n_train=4, n_val=2, size=32)
+    config = write_config(tmp_path / "c.yaml", root, data={**TINY["data"], **THREE_CLASSES},
+                          predict={"prior_correction": "weights"})
+    assert invoke("fit", config, "--out", tmp_path / "run").exit_code == 0
+    assert invoke("export", tmp_path / "run", "--format", "saved_model", "--out", tmp_path / "e").exit_code == 0
+    info = json.loads((tmp_path / "e" / "metadata.json").read_text())
+    weights = info["decision"]["prior_correction"]["class_weights"]
+    assert info["decision"]["prior_correction"]["tau"] == 1.0 and len(weights) == 3
+    image = np.array(Image.open(sorted((root / "val" / "images").glob("*.png"))[0]))
+    labels, probabilities = run_saved_model(tmp_path / "e", image)
+    corrected = probabilities / np.asarray(weights)
+    margin = np.sort(corrected, axis=-1)
+    clear = (margin[..., -1] - margin[..., -2]) > PROB_ATOL  # away from a tie
+    np.testing.assert_array_equal(labels[clear], np.argmax(corrected, axis=-1)[clear])
+    assert not np.array_equal(np.argmax(corrected, -1), np.argmax(probabilities, -1))  # the correction bites here
