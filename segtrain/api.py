@@ -103,7 +103,8 @@ class ExportedSegmenter:
         self.metadata = json.loads((folder / "metadata.json").read_text())
         self.classes = self.metadata["classes"]
         self._serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
-        self._lut = np.asarray(self.metadata["labels_to_mask"]["values"], dtype=np.uint8)
+        values = np.asarray(self.metadata["labels_to_mask"]["values"])
+        self._lut = values.astype(np.uint16 if values.max() > 255 else np.uint8)  # 16-bit masks above 255
 
     def predict(self, image) -> Prediction:
         import tensorflow as tf

@@ -126,13 +126,14 @@ class MaskConfig:
     """How raw mask pixel values become class indices (choose one of values/threshold/palette)."""
 
     values: Optional[dict[int, int]] = None
-    """Raw value -> class index, e.g. {0: 1, 255: 0}. Default (all three unset): value v is class v."""
+    """Raw value -> class index, e.g. {0: 1, 255: 0}; values 0..65535 (16-bit masks, e.g. {0: 0, 1000: 1}). Default
+    (all three unset): value v is class v."""
     threshold: Optional[float] = None
-    """Binary masks: raw value > threshold is class 1, the rest class 0 (soft masks)."""
+    """Binary masks: raw value > threshold is class 1, the rest class 0 (soft masks; 0..65534)."""
     palette: Optional[dict[str, list[int]]] = None
     """RGB masks: class name -> [r, g, b]."""
     ignore: list[Any] = field(default_factory=list)
-    """Raw values (or [r, g, b] colours) that count in no loss and no metric, e.g. [255]."""
+    """Raw values 0..65535 (or [r, g, b] colours) that count in no loss and no metric, e.g. [255]."""
 
 
 @dataclass
@@ -799,8 +800,9 @@ def _check_mask(mask: MaskConfig, classes: list[str]) -> None:
     if mask.threshold is not None:
         if len(classes) != 2:
             raise ConfigError("data.mask.threshold: a threshold makes two classes; data.classes must name exactly two.")
-        if not 0 <= mask.threshold < 255:
-            raise ConfigError(f"data.mask.threshold: {mask.threshold} is outside 0..254; masks hold values 0..255.")
+        if not 0 <= mask.threshold < 65535:
+            raise ConfigError(f"data.mask.threshold: {mask.threshold} is outside 0..65534; masks hold values 0..255 "
+                              "(8-bit) or 0..65535 (16-bit).")
     if mask.values is not None:
         _check_mask_values(mask, classes)
     if mask.palette is not None:
@@ -810,18 +812,19 @@ def _check_mask(mask: MaskConfig, classes: list[str]) -> None:
             isinstance(value, list) and len(value) == 3 and all(isinstance(c, int) for c in value)
         )
         if ok:
-            channels = value if isinstance(value, list) else [value]
-            ok = all(0 <= c <= 255 for c in channels)
+            ok = all(0 <= c <= 255 for c in value) if isinstance(value, list) else 0 <= value <= 65535
         if not ok:
             raise ConfigError(
-                f"data.mask.ignore[{i}]: expected a raw mask value 0..255 or an [r, g, b] colour, got {value!r}."
+                f"data.mask.ignore[{i}]: expected a raw mask value 0..65535 or an [r, g, b] colour (0..255), "
+                f"got {value!r}."
             )
 
 
 def _check_mask_values(mask: MaskConfig, classes: list[str]) -> None:
     for raw_value, cls in mask.values.items():
-        if not 0 <= raw_value <= 255:
-            raise ConfigError(f"data.mask.values.{raw_value}: raw mask values are 0..255 in 8-bit masks.")
+        if not 0 <= raw_value <= 65535:
+            raise ConfigError(f"data.mask.values.{raw_value}: raw mask values are 0..255 in 8-bit masks, 0..65535 in "
+                              "16-bit masks.")
         if not 0 <= cls < len(classes):
             raise ConfigError(
                 f"data.mask.values.{raw_value}: class index {cls} is out of range; "

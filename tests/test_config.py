@@ -108,9 +108,9 @@ def test_set_without_equals_is_an_error(tmp_path):
         ({"predict": {"cost_matrix": [[0, 1], [2, 3]]}}, "predict.cost_matrix[1][1]"),
         ({"predict": {"fn_cost": {"nope": 2}}}, "predict.fn_cost.nope"),
         ({"data": {"mask": {"ignore": [-1]}}}, "data.mask.ignore[0]"),
-        ({"data": {"mask": {"ignore": [300]}}}, "data.mask.ignore[0]"),
-        ({"data": {"mask": {"threshold": 300}}}, "data.mask.threshold"),
-        ({"data": {"mask": {"values": {0: 0, 300: 1}}}}, "data.mask.values.300"),
+        ({"data": {"mask": {"ignore": [70000]}}}, "data.mask.ignore[0]"),  # 16-bit masks hold 0..65535
+        ({"data": {"mask": {"threshold": 65535}}}, "data.mask.threshold"),
+        ({"data": {"mask": {"values": {0: 0, 70000: 1}}}}, "data.mask.values.70000"),
         ({"data": {"mask": {"values": {0: 0}}}}, "data.mask.values"),
         ({"data": {"mask": {"values": {0: 0, 255: 1}, "ignore": [255]}}}, "data.mask.values.255"),
         ({"data": {"mask": {"palette": {"background": [0, 0, 0], "foreground": [0, 0, 0]}}}}, "data.mask.palette"),

@@ -335,14 +335,23 @@ def as_model_input(image, channels: int) -> np.ndarray:
 
 
 def read_raw_mask(path: Path, rgb: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Raw mask values: H x W uint8 (value masks), or H x W x 3 uint8 (palette masks, rgb=True).
+    """Raw mask values: H x W uint8 (value masks), H x W uint16 (16-bit value masks: PNG, TIFF), or H x W x 3
+    uint8 (palette masks, rgb=True).
 
     Palette-indexed PNGs ('P' mode) give their indices. An RGB mask whose channels
-    differ needs a palette in the config.
+    differ needs a palette in the config. A 32-bit integer mask is read if its values fit 0..65535.
     """
     image = _open(Path(path), max_pixels)
     if rgb:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if image.mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)
+    if image.mode == "I":
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{path}: mask values {int(values.min())}..{int(values.max())} do not fit 0..65535; save "
+                            "masks as 8-bit or 16-bit single-channel class values.")
+        return values.astype(np.uint16)
     if image.mode in ("L", "P"):
         return np.asarray(image, dtype=np.uint8)
     if image.mode == "1":
@@ -357,10 +366,11 @@ def read_raw_mask(path: Path, rgb: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -
             f"{path}: this mask has colours but the config gives no palette. "
             "Set data.mask.palette (class name -> [r, g, b]) or save the masks as single-channel class values."
         )
-    raise DataError(f"{path}: mask mode {image.mode} is not supported; save masks as 8-bit single-channel or RGB PNG.")
+    raise DataError(f"{path}: mask mode {image.mode} is not supported; save masks as 8-bit or 16-bit single-channel "
+                    "or RGB PNG.")
 
 
 def write_png_atomic(array: np.ndarray, path: Path) -> None:
-    """Write a uint8 array as PNG atomically (see segtrain.atomic)."""
+    """Write a uint8 array (or a uint16 H x W one, as 16-bit PNG) as PNG atomically (see segtrain.atomic)."""
     with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")

@@ -1,4 +1,9 @@
-"""The config's mask mapping: raw mask values (or colours) to class indices, and back."""
+"""The config's mask mapping: raw mask values (or colours) to class indices, and back.
+
+Value masks are 8-bit or 16-bit (raw values 0..65535: class ids, or values such as 1000 mapped by
+data.mask.values); predictions are written back as 8-bit PNG, or 16-bit PNG when a class's raw value
+exceeds 255.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from segtrain.errors import DataError
 from segtrain.labels import IGNORE_INDEX
 
 _UNMAPPED = -2  # in the lookup table: a raw value the config does not cover
+RAW_VALUES = 65536  # value masks hold 8-bit or 16-bit values
 
 
 class MaskMapping:
@@ -26,10 +32,10 @@ class MaskMapping:
             self.mode = "palette"
             self.colours = {tuple(mask.palette[name]): i for i, name in enumerate(self.classes)}
         else:
-            table = np.full(256, _UNMAPPED, dtype=np.int32)
+            table = np.full(RAW_VALUES, _UNMAPPED, dtype=np.int32)
             if mask.threshold is not None:
                 self.mode = "threshold"
-                values = np.arange(256)
+                values = np.arange(RAW_VALUES)
                 table[:] = (values > mask.threshold).astype(np.int32)
             elif mask.values is not None:
                 self.mode = "values"
@@ -83,18 +89,24 @@ class MaskMapping:
         return out
 
     def encode(self, classes: np.ndarray) -> np.ndarray:
-        """Class indices back to the training masks' encoding (uint8 H x W, or H x W x 3 for palettes)."""
+        """Class indices back to the training masks' encoding (uint8 H x W, uint16 when a class's raw value exceeds
+        255, or uint8 H x W x 3 for palettes)."""
         classes = np.asarray(classes)
         if self.rgb:
             lut = np.zeros((self.num_classes, 3), dtype=np.uint8)
             for colour, cls in self.colours.items():
                 lut[cls] = colour
             return lut[classes]
-        lut = np.zeros(self.num_classes, dtype=np.uint8)
+        lut = np.zeros(self.num_classes, dtype=np.int64)
         for cls in range(self.num_classes):
             raws = np.flatnonzero(self.table == cls)
             if raws.size == 0:
                 raise DataError(f"class {self.classes[cls]!r} has no raw mask value to be written as; see data.mask.")
-            # the smallest raw value of a class, but 255-like for a thresholded foreground
-            lut[cls] = raws.max() if self.mode == "threshold" and cls == 1 else raws.min()
-        return lut[classes]
+            # the smallest raw value of a class, but 255-like for a thresholded foreground (the largest 8-bit value
+            # above the threshold, 65535-like for a threshold above 254)
+            if self.mode == "threshold" and cls == 1:
+                eight_bit = raws[raws <= 255]
+                lut[cls] = eight_bit.max() if eight_bit.size else raws.max()
+            else:
+                lut[cls] = raws.min()
+        return lut.astype(np.uint16 if lut.max() > 255 else np.uint8)[classes]
