@@ -50,9 +50,9 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None,
 
     On resume the counts cached in class_stats.json are reused (and the files are not
     checked again), and so are the pixel statistics of data.normalize: dataset; the weights are
-    always recomputed from the counts, so they follow the config's current loss.class_weights. With data.sampling the same pass records where each
-    sampled class lies; on resume those locations are read from `cached_locations`
-    (class_locations.npz).
+    always recomputed from the counts, so they follow the config's current loss.class_weights.
+    With data.sampling the same pass records where each sampled class lies; on resume those
+    locations are read from `cached_locations` (class_locations.npz).
     """
     from segtrain.class_weights import ClassCounter, class_stats_dict
 
@@ -98,8 +98,9 @@ def _cached_normalization(data, cached_stats: dict, channels: int) -> Optional[d
                                   "start a new run with --out.")
         return None
     if normalization is None:
-        raise CheckpointError("data.normalize: the run was trained without dataset statistics (class_stats.json has "
-                              "no normalization). Resume with the run's own config.yaml, or start a new run with --out.")
+        raise CheckpointError("data.normalize: the run was trained without dataset statistics (class_stats.json "
+                              "has no normalization). Resume with the run's own config.yaml, or start a new run "
+                              "with --out.")
     if len(normalization.get("low", [])) != channels:
         raise CheckpointError(f"data.normalize: the run's statistics are for {len(normalization.get('low', []))} "
                               f"channel(s) but the images have {channels}. Resume on the run's own data.")
