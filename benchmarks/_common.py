@@ -114,6 +114,35 @@ def write_dataset(root: Path, n_train: int, n_val: int, size: int, channels: int
     return root
 
 
+def split_halves(source: Path, target: Path, split: str = "val") -> Path:
+    """TARGET: a data set folder whose train split and `split` link to SOURCE's, plus `<split>_a` (the first half of
+    `split`'s pairs in file order) and `<split>_b` (the rest), file by file: two fixed, disjoint labelled halves."""
+    source, target = Path(source).resolve(), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("train", split):
+        if not (target / name).exists():
+            (target / name).symlink_to(source / name)
+    images = sorted((source / split / "images").iterdir())
+    masks = {p.stem: p for p in (source / split / "masks").iterdir()}
+    half = (len(images) + 1) // 2
+    for suffix, part in (("a", images[:half]), ("b", images[half:])):
+        for kind in ("images", "masks"):
+            (target / f"{split}_{suffix}" / kind).mkdir(parents=True, exist_ok=True)
+        for image in part:
+            for kind, path in (("images", image), ("masks", masks[image.stem])):
+                link = target / f"{split}_{suffix}" / kind / path.name
+                if not link.exists():
+                    link.symlink_to(path)
+    return target
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a Markdown table; '-' for None or NaN."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
 def synthetic_config(root: Path, crop: Optional[int], batch_size: int, depth: int, base_filters: int,
                      cache: str = "memory", extra: Optional[dict] = None):
     """A segtrain Config for a synthetic set: two classes by threshold, CE + Jaccard with balanced weights."""

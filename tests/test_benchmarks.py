@@ -44,7 +44,8 @@ def test_speed_and_memory_benchmarks_print_a_final_ratio(name):
 def test_every_benchmark_script_is_covered():
     scripts = {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
     covered = {"fit_throughput.py", "pipeline_throughput.py", "memory.py", "gpu_mixed_precision.py", "quality.py",
-               "cost_tradeoff.py", "plain_keras_baseline.py", "predict_throughput.py", "step_overhead.py"}
+               "cost_tradeoff.py", "plain_keras_baseline.py", "predict_throughput.py", "step_overhead.py",
+               "data_variants.py", "prior_correction.py", "operating_point.py"}
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
 
@@ -83,3 +84,30 @@ def test_cost_tradeoff_tiny_prints_the_three_cost_settings():
 
 def test_predict_throughput_tiny_prints_a_final_ratio():
     final_ratio(run_script("predict_throughput.py", "--tiny"))
+
+
+def table_rows(lines: list[str], first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith(f"| {first_cell}")]
+
+
+def test_data_variants_tiny_prints_every_variant():
+    lines = run_script("data_variants.py", "--tiny", "--variants", "plain,both")
+    rows = table_rows(lines, "tiny")
+    assert [(r[1], r[2]) for r in rows] == [("plain", "best"), ("plain", "last"), ("both", "best"), ("both", "last")]
+    assert all(0.0 <= float(r[3]) <= 1.0 for r in rows)
+
+
+def test_prior_correction_tiny_prints_the_five_rows_and_a_verdict():
+    lines = run_script("prior_correction.py", "--tiny")
+    names = [r[0] for r in table_rows(lines, "none") + table_rows(lines, "median_frequency")]
+    assert names == ["none", "median_frequency", "median_frequency + weights (tau 1)", "median_frequency + tuned tau",
+                     "median_frequency + tuned tau + post-processing"]
+    assert "both uncorrected rows" in lines[-1]
+
+
+def test_operating_point_tiny_prints_calibration_and_the_tuned_rows():
+    lines = run_script("operating_point.py", "--tiny")
+    assert any(line.startswith("calibration on val_b: T = ") for line in lines)
+    names = [r[0] for r in table_rows(lines, "argmax") + table_rows(lines, "tuned")]
+    assert names == ["argmax (untuned)", "tuned for f1", "tuned for f1 + post-processing", "tuned for cost",
+                     "tuned for cost + post-processing"]

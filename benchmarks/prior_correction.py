@@ -1,0 +1,152 @@
+"""CamVid: class weights, and a decision that undoes what they cost (prior correction, tau tuned on labelled data).
+
+configs/camvid.yaml trained twice for the same steps and seed, with `loss.class_weights: none` and
+`median_frequency`. CamVid's val split (one 101-frame drive) is cut into two fixed halves in file order:
+`val_a` (the first 51 frames) picks best.keras, fits the temperature and tunes tau; `val_b` (the last 50)
+is only reported on. Rows, all on val_b, whole images:
+- none: unweighted training, arg-max;
+- median_frequency: weighted training, arg-max;
+- + weights: arg-max of p / w (tau = 1, nothing tuned);
+- + tuned tau: arg-max of p / w**tau, tau tuned on val_a for mean IoU (`segtrain tune --split val_a`);
+- + tuned tau and post-processing: the same tune also choosing per-class min_size / max_hole.
+Prints mean IoU, pixel accuracy, the count of classes at IoU 0 and every class's IoU as a Markdown table.
+One seed: differences of a point or two are within seed noise.
+
+    python benchmarks/prior_correction.py --steps 480
+    python benchmarks/prior_correction.py --tiny        # seconds-long smoke run on synthetic data
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, SHARED_DATASETS, fmt, machine_line, set_budget, split_halves, timed_run_fit  # noqa: E402
+
+QUIET = lambda *a, **k: None  # noqa: E731
+
+
+def tiny_dataset(root: Path) -> Path:
+    """Three classes (noise, red stripes, rare green squares) in the layout split_halves reads."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 4)):
+        for kind in ("images", "masks"):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            mask = np.zeros((32, 32), np.uint8)
+            mask[:, rng.integers(0, 28):][:, :3] = 1
+            y, x = rng.integers(0, 29, 2)
+            mask[y:y + 3, x:x + 3] = 2
+            image = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+            image[mask == 1, 0] = 220
+            image[mask == 2, 1] = 220
+            Image.fromarray(image).save(root / split / "images" / f"{i:03d}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"{i:03d}.png")
+    return root
+
+
+TINY_OVERRIDES = ["data.classes=[background, stripe, square]", "data.mask.values={0: 0, 1: 1, 2: 2}",
+                  "data.mask.ignore=[]", "data.crop=16", "data.batch_size=2", "model.depth=1", "model.base_filters=4"]
+
+
+def evaluate(run_dir: Path, data_root: Path, correction: str, split: str = "val_b") -> dict:
+    """Metrics of run_dir/best.keras on `split` with predict.prior_correction = `correction`."""
+    from segtrain.data.discovery import find_pairs
+    from segtrain.data.masks import MaskMapping
+    from segtrain.evaluation import evaluate_run
+    from segtrain.runs import run_config
+
+    config = run_config(run_dir)
+    config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, prior_correction=correction))
+    pairs = find_pairs(str(data_root), split)
+    return evaluate_run(run_dir / "best.keras", config, pairs, MaskMapping(config.data.mask, config.data.classes),
+                        run_dir / f"eval_{split}_{correction}", log=QUIET, worst=0)
+
+
+def row(name: str, metrics: dict) -> dict:
+    ious = {c: m["iou"] for c, m in metrics["per_class"].items()}
+    return {"row": name, "mean_iou": metrics["mean_iou"], "pixel_accuracy": metrics["pixel_accuracy"],
+            "zero_iou": sum(1 for v in ious.values() if v is not None and v == 0.0),
+            "never_predicted": metrics.get("never_predicted", []), "iou": ious,
+            "tau": metrics["decision"]["prior_correction_tau"]}
+
+
+def table(rows: list[dict]) -> str:
+    classes = list(rows[0]["iou"])
+    lines = ["| row | tau | mean IoU | pixel acc. | classes at IoU 0 | " + " | ".join(classes) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(classes)]
+    for r in rows:
+        lines.append(f"| {r['row']} | {fmt(r['tau'], 2)} | {fmt(r['mean_iou'])} | {fmt(r['pixel_accuracy'])} | "
+                     f"{r['zero_iou']} | " + " | ".join(fmt(r["iou"][c]) for c in classes) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=480, help="training steps per run (8 epochs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override configs/camvid.yaml (both runs)")
+    parser.add_argument("--out", type=Path, help="keep run folders and results.json here (default: a temp folder)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: a synthetic set, a few steps each")
+    args = parser.parse_args()
+
+    from segtrain.config import load_config
+    from segtrain.tuning import tune_run
+
+    print(machine_line(), flush=True)
+    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_prior_")
+    out = args.out or Path(tmp.name)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        source = tiny_dataset(out / "tiny_source") if args.tiny else SHARED_DATASETS / "camvid"
+        data_root = split_halves(source, out / "data")
+        overrides = [f"data.root={data_root}", "data.val_split=val_a"] + (TINY_OVERRIDES if args.tiny else [])
+        steps = 2 if args.tiny else args.steps
+        runs = {}
+        for weights in ("none", "median_frequency"):
+            config = load_config(REPO / "configs" / "camvid.yaml",
+                                 overrides + args.overrides + [f"loss.class_weights={weights}"])
+            set_budget(config, steps, epochs=1 if args.tiny else 8, validations=1 if args.tiny else 4)
+            runs[weights] = out / f"run_{weights}"
+            metrics = timed_run_fit(config, runs[weights])
+            print(f"{weights}: {steps} steps in {metrics['train_seconds'] / 60:.2f} min", flush=True)
+        weighted = runs["median_frequency"]
+        rows = [row("none", evaluate(runs["none"], data_root, "none")),
+                row("median_frequency", evaluate(weighted, data_root, "none")),
+                row("median_frequency + weights (tau 1)", evaluate(weighted, data_root, "weights"))]
+        tune_run(str(weighted), "val_a", "iou", postprocess=False, log=QUIET)
+        rows.append(row("median_frequency + tuned tau", evaluate(weighted, data_root, "tuned")))
+        tune_run(str(weighted), "val_a", "iou", postprocess=True, log=QUIET)
+        rows.append(row("median_frequency + tuned tau + post-processing", evaluate(weighted, data_root, "tuned")))
+        point = json.loads((weighted / "operating_point.json").read_text())
+        (out / "results.json").write_text(json.dumps({"rows": rows, "operating_point": point}, indent=2))
+        print()
+        print("tiny: a few steps per run, figures mean nothing" if args.tiny else
+              f"{steps} steps per run; best.keras picked, temperature fitted and tau tuned on val_a; "
+              "every row scored on val_b, whole images")
+        print(table(rows))
+        print(f"post-processing chosen on val_a: {point['postprocess']}")
+        base = max(rows[0]["mean_iou"], rows[1]["mean_iou"])
+        best = rows[3]
+        verdict = "beats" if best["mean_iou"] > base else "does NOT beat"
+        print(f"tuned tau {best['tau']}: mean IoU {fmt(best['mean_iou'])} {verdict} both uncorrected rows "
+              f"(best {fmt(base)}); pixel accuracy {fmt(best['pixel_accuracy'])} vs "
+              f"{fmt(rows[0]['pixel_accuracy'])} (none) and {fmt(rows[1]['pixel_accuracy'])} (median_frequency)")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
