@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from segtrain.config import MaskConfig
 from segtrain.data.discovery import find_pairs
@@ -73,3 +74,18 @@ def test_images_that_disagree_in_channels_are_refused_naming_both_files(tmp_path
     result = invoke("fit", config, "--out", tmp_path / "run")
     assert result.exit_code == 2 and "Traceback" not in result.output and "c.png: 1 channel" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATASETS / "camvid").is_dir(), reason="shared data sets not present")
+def test_camvid_config_ignores_void_and_reads_eleven_classes():
+    from segtrain.config import load_config
+    from segtrain.labels import IGNORE_INDEX
+
+    config = load_config(REPO / "configs" / "camvid.yaml")
+    mapping = MaskMapping(config.data.mask, config.data.classes)
+    pairs = find_pairs(config.data.root, "train")[:8]
+    masks = np.stack([load_mask(p, mapping, 10**8) for p in pairs])
+    raw = np.stack([np.asarray(Image.open(p.mask)) for p in pairs])
+    np.testing.assert_array_equal(masks == IGNORE_INDEX, raw == 11)  # void, and only void, is ignored
+    np.testing.assert_array_equal(masks[raw != 11], raw[raw != 11])  # class index = mask value
+    assert len(config.data.classes) == 11 and config.data.classes[0] == "sky"
