@@ -112,7 +112,7 @@ class ExportedSegmenter:
         from segtrain.data.images import as_model_input
 
         pixels = as_model_input(image, self.metadata["input"]["channels"])  # 0..255 floats
-        top = np.iinfo(self.metadata["input"]["dtype"]).max
+        top = self.metadata["input"].get("max_value") or np.iinfo(self.metadata["input"]["dtype"]).max
         raw = np.clip(np.rint(pixels * (top / 255.0)), 0, top).astype(self.metadata["input"]["dtype"])
         out = self._serve(images=tf.constant(raw[None]))
         labels = out["labels"].numpy()[0]

@@ -1,17 +1,19 @@
 """`segtrain export`: a trained run as a self-contained model for TF Serving, ONNX Runtime or TFLite.
 
-The exported model takes raw images (uint8, or uint16 when the run was trained on 16-bit
-images; any height and width, a batch of one size) and
+The exported model takes raw images (uint8, or uint16 when the run was trained on 9- to 16-bit
+images, e.g. 12-bit microscopy, each scaled by its own range; any height and width, a batch of one size) and
 does inside what `segtrain predict` does around the `.keras` file: resize as in training
 (`data.resize`), reflect-pad to a multiple of 2**depth and crop back, flip test-time
 augmentation when the run's `predict.tta` is on, the run's temperature (calibration.json, unless
-`predict.calibrate: false`: the logits are divided by T inside the graph), softmax/sigmoid, and the run's decision
-rule (argmax, threshold or least expected cost). Out come `labels` (int32, B x H x W, class
+`predict.calibrate: false`: the logits are divided by T inside the graph), softmax/sigmoid, the prior correction
+(`predict.prior_correction`) and the run's decision rule (argmax, threshold or least expected cost), with the tuned
+threshold or tau of operating_point.json when `segtrain tune` wrote one. Out come `labels` (int32, B x H x W, class
 indices) and `probabilities` (float32, B x H x W x K). Beside it, `metadata.json` says how
 to read them: class names, how a label maps back to a mask value or colour, the decision
 rule and costs, the temperature, input channels, the hash of the run's config.yaml and segtrain's version.
 
-Not inside: tiling. `predict` cuts images larger than `predict.tile_size` into overlapping
+Not inside: the per-class post-processing (connected components have no TensorFlow op; metadata.json describes
+the settings for the consumer to apply) and tiling. `predict` cuts images larger than `predict.tile_size` into overlapping
 tiles; the export runs the whole image at once, so on large images its borders can differ
 slightly from `predict` (the same network, more context).
 """
@@ -41,9 +43,15 @@ class ExportError(SegtrainError):
     """A format's converter is missing or failed; the message says how to get it or what broke."""
 
 
-INPUT_SCALE = {"uint8": 1.0, "uint16": 255.0 / 65535.0}
-"""Exported input types and the factor that brings their values to the 8-bit scale the model reads (as files are
-read: `segtrain.data.images.read_image`)."""
+def input_spec(sample_type: str) -> tuple[str, int]:
+    """(exported input dtype, the largest sample value) for a run's training sample type: uint8 as it is; b-bit
+    unsigned samples (9 <= b <= 16, e.g. 12-bit microscopy) as uint16 holding values up to 2**b - 1, brought to the
+    8-bit scale the model reads by 255 / (2**b - 1), as files are read (`segtrain.data.images.read_image`)."""
+    if sample_type == "uint8":
+        return "uint8", 255
+    if sample_type.startswith("uint") and sample_type[4:].isdigit() and 8 < int(sample_type[4:]) <= 16:
+        return "uint16", 2 ** int(sample_type[4:]) - 1
+    raise ValueError(sample_type)
 
 
 def serving_module(model, config: Config, temperature: float = 1.0, input_type: str = "uint8", decision=None):
@@ -64,6 +72,7 @@ def serving_module(model, config: Config, temperature: float = 1.0, input_type: 
     cost_matrix = decision_cost_matrix(config) if decision is None else decision.cost_matrix
     tau, weights = (0.0, None) if decision is None else (decision.tau, decision.class_weights)
     channels = int(model.input_shape[-1])
+    dtype, top = input_spec(input_type)
 
     def probabilities(x):
         logits = model(x, training=False)
@@ -79,11 +88,11 @@ def serving_module(model, config: Config, temperature: float = 1.0, input_type: 
         return (outputs[0] + tf.reverse(outputs[1], [2]) + tf.reverse(outputs[2], [1])) / 3.0
 
     class Serving(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], input_type, name="images")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], dtype, name="images")])
         def serve(self, images):
             x = tf.cast(images, tf.float32)
-            if INPUT_SCALE[input_type] != 1.0:
-                x = x * INPUT_SCALE[input_type]
+            if top != 255:
+                x = x * (255.0 / top)
             height, width = tf.shape(x)[1], tf.shape(x)[2]
             if config.data.resize is not None:
                 x = tf.image.resize(x, config.data.resize, method="bilinear")
@@ -131,7 +140,8 @@ def export_metadata(config: Config, config_text: str, channels: int, temperature
                                    "smaller than min_size pixels (they take the next most probable class) and fill "
                                    "its holes (4-connected, not touching the border) smaller than max_hole pixels, "
                                    "as segtrain.postprocess does" if postprocess else None},
-        "input": {"channels": channels, "dtype": input_type, "layout": "B x H x W x C, raw pixel values",
+        "input": {"channels": channels, "dtype": input_spec(input_type)[0], "max_value": input_spec(input_type)[1],
+                  "sample_type": input_type, "layout": "B x H x W x C, raw pixel values",
                   "resize": config.data.resize, "pad_to_multiple_of": 2**config.model.depth},
         "outputs": {"labels": "int32 B x H x W class indices",
                     "probabilities": "float32 B x H x W x K, classes in the order of `classes`"},
@@ -195,9 +205,11 @@ def _input_type(run_folder: Path) -> str:
     info_path = run_folder / RUN_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     input_type = info.get("input_sample_type", "uint8")
-    if input_type not in INPUT_SCALE:
-        raise ExportError(f"{info_path}: the run was trained on {input_type} images; the export takes "
-                          f"{' or '.join(INPUT_SCALE)} images only.")
+    try:
+        input_spec(input_type)
+    except ValueError:
+        raise ExportError(f"{info_path}: the run was trained on {input_type} images; the export takes unsigned "
+                          "integer images of 8 to 16 bits only.") from None
     return input_type
 
 

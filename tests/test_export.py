@@ -185,3 +185,25 @@ def test_export_applies_prior_correction_with_several_classes(tmp_path):
     clear = (margin[..., -1] - margin[..., -2]) > PROB_ATOL  # away from a tie
     np.testing.assert_array_equal(labels[clear], np.argmax(corrected, axis=-1)[clear])
     assert not np.array_equal(np.argmax(corrected, -1), np.argmax(probabilities, -1))  # the correction bites here
+
+
+def test_b_bit_samples_export_as_uint16_scaled_by_their_own_range():
+    """12-bit microscopy (BitsPerSample 12, read as v * 255 / 4095): the export takes uint16 values up to 4095 and
+    scales them by the same factor, not by 255 / 65535."""
+    from segtrain.config import config_from_dict
+    from segtrain.export import input_spec, serving_module
+    from segtrain.model import build_unet
+
+    assert input_spec("uint8") == ("uint8", 255) and input_spec("uint16") == ("uint16", 65535)
+    assert input_spec("uint12") == ("uint16", 4095)
+    with pytest.raises(ValueError):
+        input_spec("int32")
+    config = config_from_dict({"data": {"root": "x", "classes": ["a", "b"]}, "model": {"depth": 1, "base_filters": 2}})
+    model = build_unet(1, 1, depth=1, base_filters=2)
+    module = serving_module(model, config, input_type="uint12")
+    raw = (np.arange(64).reshape(1, 8, 8, 1) * 64).astype(np.uint16)  # 0 .. 4032
+    out = module.serve(raw)
+    from segtrain.decision import probabilities_tf
+
+    expected = probabilities_tf(model(raw.astype(np.float32) * (255.0 / 4095.0))).numpy()
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-6, rtol=0)

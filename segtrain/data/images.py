@@ -131,7 +131,7 @@ def _tiff_sample_type(bits: int, sample_format: int) -> str:
         return "float32"
     if sample_format != 2 and bits <= 8:
         return "uint8"
-    return "uint16" if sample_format != 2 and bits == 16 else "int32"
+    return f"uint{bits}" if sample_format != 2 and bits <= 16 else "int32"
 
 
 def _tiff_band_axes(series) -> tuple[str, list[str]]:
@@ -250,7 +250,8 @@ def image_channels(path: Path) -> int:
 
 
 def image_sample_type(path: Path) -> str:
-    """The file's sample type as an export would take it: "uint8", "uint16", "float32" or "int32"."""
+    """The file's sample type as an export would take it: "uint8", "uint<b>" (b-bit unsigned, 9 <= b <= 16: "uint16",
+    "uint12", ...), "float32" or "int32"."""
     layout = _tiff_layout(Path(path))
     if layout is not None:
         return layout.sample_type
@@ -258,8 +259,11 @@ def image_sample_type(path: Path) -> str:
         with Image.open(path) as image:
             if image.mode == "F":
                 return "float32"
-            if image.mode.startswith("I;16") or (image.mode == "I" and _integer_peak(image) == 65535.0):
-                return "uint16"
+            if image.mode.startswith("I;16") or image.mode == "I":
+                peak = _integer_peak(image)  # 2**b - 1 for b-bit unsigned samples (12-bit TIFFs: 4095)
+                bits = int(np.log2(peak + 1.0)) if peak >= 255 else 0
+                if 8 < bits <= 16 and 2.0**bits - 1 == peak:
+                    return f"uint{bits}"
             return "int32" if image.mode == "I" else "uint8"
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the image ({exc}). Replace or remove the corrupt file.") from None
