@@ -221,7 +221,7 @@ def plot_pr_curve(curve, path, marks=None):
 
 def plot_class_iou(metrics, path):
     """Per-class IoU as horizontal bars (classes in index order, value printed on each), the mean IoU as a
-    line; classes never predicted are red and say so, absent classes are left out and named."""
+    line; classes never predicted (IoU 0) are labelled so in red, absent classes are left out and named."""
     names = list(metrics["per_class"])
     iou = [metrics["per_class"][n]["iou"] for n in names]
     never = set(never_predicted(metrics))
@@ -235,7 +235,7 @@ def plot_class_iou(metrics, path):
     ax.barh(y, [v for _, v in shown], color=colours)
     for i, (n, v) in enumerate(shown):
         ax.text(min(v, 0.85) + 0.01, i, f"{v:.3f}" + (" never predicted" if n in never else ""), va="center",
-                fontsize=8)
+                fontsize=8, color="tab:red" if n in never else "black", fontweight="bold" if n in never else None)
     ax.set_yticks(y, labels=[n for n, _ in shown])
     ax.invert_yaxis()
     ax.set_xlim(0.0, 1.0)

@@ -145,3 +145,19 @@ def test_importing_reports_does_not_import_matplotlib():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_never_predicted_classes_are_named_under_the_table_and_drawn_red(tmp_path):
+    # rows true, columns predicted: "pole" is in the truth but never predicted, "sign" absent from both
+    cm = np.array([[50, 2, 0, 0], [3, 40, 0, 0], [4, 1, 0, 0], [0, 0, 0, 0]])
+    metrics = metrics_from_confusion(cm, ["road", "car", "pole", "sign"])
+    assert reports.never_predicted(metrics) == ["pole"]
+    assert reports.format_metrics_table(metrics).splitlines()[-1].endswith(": pole")
+    path = tmp_path / "class_iou.png"
+    reports.plot_class_iou(metrics, path)
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    red = (image[..., 0] > 150) & (image[..., 1] < 90) & (image[..., 2] < 90)  # tab:red (214, 39, 40) text
+    assert red.sum() > 30
+    everything = metrics_from_confusion(np.array([[5, 1], [1, 5]]), ["a", "b"])
+    assert reports.never_predicted(everything) == []
+    assert "Never predicted" not in reports.format_metrics_table(everything)
