@@ -27,7 +27,6 @@ fallback class).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator, Optional
 
 import click

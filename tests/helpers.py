@@ -169,3 +169,18 @@ class Interruption:
         self.thread.join(self.timeout)
         assert self.signalled, f"fit ended before its first checkpoint:\n{self.output[-3000:]}"
         return self
+
+
+# ---------------------------------------------------------------------------- benchmark scripts
+
+
+def run_benchmark_script(name: str, *args: str, timeout: int = 300) -> list[str]:
+    """Run benchmarks/NAME with ARGS on the CPU; its non-blank stdout lines, the first naming the machine."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines, "no output"
+    assert lines[0].startswith("machine: "), lines[0]  # absolute figures always name the machine
+    return lines

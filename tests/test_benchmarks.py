@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_benchmark_script
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,14 +17,7 @@ BENCHMARKS = REPO / "benchmarks"
 
 
 def run_script(name: str, *args: str, timeout: int = 240) -> list[str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-    result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
-                            cwd=REPO, env=env, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert lines, "no output"
-    assert lines[0].startswith("machine: "), lines[0]  # absolute figures always name the machine
-    return lines
+    return run_benchmark_script(name, *args, timeout=timeout)
 
 
 def final_ratio(lines: list[str]) -> float:
@@ -85,29 +80,3 @@ def test_cost_tradeoff_tiny_prints_the_three_cost_settings():
 def test_predict_throughput_tiny_prints_a_final_ratio():
     final_ratio(run_script("predict_throughput.py", "--tiny"))
 
-
-def table_rows(lines: list[str], first_cell: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith(f"| {first_cell}")]
-
-
-def test_data_variants_tiny_prints_every_variant():
-    lines = run_script("data_variants.py", "--tiny", "--variants", "plain,both")
-    rows = table_rows(lines, "tiny")
-    assert [(r[1], r[2]) for r in rows] == [("plain", "best"), ("plain", "last"), ("both", "best"), ("both", "last")]
-    assert all(0.0 <= float(r[3]) <= 1.0 for r in rows)
-
-
-def test_prior_correction_tiny_prints_the_five_rows_and_a_verdict():
-    lines = run_script("prior_correction.py", "--tiny")
-    names = [r[0] for r in table_rows(lines, "none") + table_rows(lines, "median_frequency")]
-    assert names == ["none", "median_frequency", "median_frequency + weights (tau 1)", "median_frequency + tuned tau",
-                     "median_frequency + tuned tau + post-processing"]
-    assert "both uncorrected rows" in lines[-1]
-
-
-def test_operating_point_tiny_prints_calibration_and_the_tuned_rows():
-    lines = run_script("operating_point.py", "--tiny")
-    assert any(line.startswith("calibration on val_b: T = ") for line in lines)
-    names = [r[0] for r in table_rows(lines, "argmax") + table_rows(lines, "tuned")]
-    assert names == ["argmax (untuned)", "tuned for f1", "tuned for f1 + post-processing", "tuned for cost",
-                     "tuned for cost + post-processing"]
