@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from segtrain.config import DataConfig, MaskConfig
-from tests.helpers import REPO, invoke, make_stripes_dataset, write_config, write_pair
+from tests.helpers import invoke, make_stripes_dataset, write_config, write_pair
 
 
 def _numpy_statistics(values):
