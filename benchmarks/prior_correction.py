@@ -7,8 +7,9 @@ is only reported on. Rows, all on val_b, whole images:
 - none: unweighted training, arg-max;
 - median_frequency: weighted training, arg-max;
 - + weights: arg-max of p / w (tau = 1, nothing tuned);
-- + tuned tau: arg-max of p / w**tau, tau tuned on val_a for mean IoU (`segtrain tune --split val_a`);
-- + tuned tau and post-processing: the same tune also choosing per-class min_size / max_hole.
+- + tuned: arg-max of p / w**tau * exp(b), tau and one bias per class tuned on val_a for mean IoU
+  (`segtrain tune --split val_a --no-postprocess`);
+- + tuned + post-processing: the same tune also choosing per-class min_size / max_hole.
 Prints mean IoU, pixel accuracy, the count of classes at IoU 0 and every class's IoU as a Markdown table.
 One seed: differences of a point or two are within seed noise.
 
@@ -99,6 +100,7 @@ def main() -> None:
                         help="override configs/camvid.yaml (both runs)")
     parser.add_argument("--out", type=Path, help="keep run folders and results.json here (default: a temp folder)")
     parser.add_argument("--tiny", action="store_true", help="smoke run: a synthetic set, a few steps each")
+    parser.add_argument("--reuse", action="store_true", help="evaluate the runs already in --out (no training)")
     args = parser.parse_args()
 
     from segtrain.config import load_config
@@ -115,10 +117,12 @@ def main() -> None:
         steps = 2 if args.tiny else args.steps
         runs = {}
         for weights in ("none", "median_frequency"):
+            runs[weights] = out / f"run_{weights}"
+            if args.reuse and (runs[weights] / "best.keras").is_file():
+                continue
             config = load_config(REPO / "configs" / "camvid.yaml",
                                  overrides + args.overrides + [f"loss.class_weights={weights}"])
             set_budget(config, steps, epochs=1 if args.tiny else 8, validations=1 if args.tiny else 4)
-            runs[weights] = out / f"run_{weights}"
             metrics = timed_run_fit(config, runs[weights])
             print(f"{weights}: {steps} steps in {metrics['train_seconds'] / 60:.2f} min", flush=True)
         weighted = runs["median_frequency"]
@@ -126,9 +130,9 @@ def main() -> None:
                 row("median_frequency", evaluate(weighted, data_root, "none")),
                 row("median_frequency + weights (tau 1)", evaluate(weighted, data_root, "weights"))]
         tune_run(str(weighted), "val_a", "iou", postprocess=False, log=QUIET)
-        rows.append(row("median_frequency + tuned tau", evaluate(weighted, data_root, "tuned")))
+        rows.append(row("median_frequency + tuned (tau, class biases)", evaluate(weighted, data_root, "tuned")))
         tune_run(str(weighted), "val_a", "iou", postprocess=True, log=QUIET)
-        rows.append(row("median_frequency + tuned tau + post-processing", evaluate(weighted, data_root, "tuned")))
+        rows.append(row("median_frequency + tuned + post-processing", evaluate(weighted, data_root, "tuned")))
         point = json.loads((weighted / "operating_point.json").read_text())
         (out / "results.json").write_text(json.dumps({"rows": rows, "operating_point": point}, indent=2))
         print()
@@ -136,11 +140,11 @@ def main() -> None:
               f"{steps} steps per run; best.keras picked, temperature fitted and tau tuned on val_a; "
               "every row scored on val_b, whole images")
         print(table(rows))
-        print(f"post-processing chosen on val_a: {point['postprocess']}")
+        print(f"chosen on val_a: tau {point['tau']}, class biases {point['bias']}, post-processing {point['postprocess']}")
         base = max(rows[0]["mean_iou"], rows[1]["mean_iou"])
         best = rows[3]
         verdict = "beats" if best["mean_iou"] > base else "does NOT beat"
-        print(f"tuned tau {best['tau']}: mean IoU {fmt(best['mean_iou'])} {verdict} both uncorrected rows "
+        print(f"tuned (tau {best['tau']}, class biases): mean IoU {fmt(best['mean_iou'])} {verdict} both uncorrected rows "
               f"(best {fmt(base)}); pixel accuracy {fmt(best['pixel_accuracy'])} vs "
               f"{fmt(rows[0]['pixel_accuracy'])} (none) and {fmt(rows[1]['pixel_accuracy'])} (median_frequency)")
     finally:

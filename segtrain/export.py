@@ -70,7 +70,8 @@ def serving_module(model, config: Config, temperature: float = 1.0, input_type: 
     rule, threshold = (predict.decision, predict.threshold) if decision is None else (decision.decision,
                                                                                       decision.threshold)
     cost_matrix = decision_cost_matrix(config) if decision is None else decision.cost_matrix
-    tau, weights = (0.0, None) if decision is None else (decision.tau, decision.class_weights)
+    tau, weights, bias = (0.0, None, None) if decision is None else (decision.tau, decision.class_weights,
+                                                                      decision.bias)
     channels = int(model.input_shape[-1])
     dtype, top = input_spec(input_type)
 
@@ -105,7 +106,7 @@ def serving_module(model, config: Config, temperature: float = 1.0, input_type: 
             probs = forward(padded)[:, : tf.shape(x)[1], : tf.shape(x)[2], :]
             if config.data.resize is not None:
                 probs = tf.image.resize(probs, tf.stack([height, width]), method="bilinear")
-            labels = decide_tf(prior_adjust_tf(probs, weights, tau), rule, threshold, cost_matrix)
+            labels = decide_tf(prior_adjust_tf(probs, weights, tau, bias), rule, threshold, cost_matrix)
             return {"labels": tf.cast(labels, tf.int32), "probabilities": tf.cast(probs, tf.float32)}
 
     module = Serving()
@@ -133,7 +134,9 @@ def export_metadata(config: Config, config_text: str, channels: int, temperature
         "decision": {"rule": rule, "threshold": threshold,
                      "cost_matrix": None if matrix is None else np.asarray(matrix).tolist(),
                      "prior_correction": {"tau": tau, "class_weights": None if not tau else decision.class_weights,
-                                          "applied": "labels from q = p / w**tau normalised, inside the model"},
+                                          "bias": None if decision is None else decision.bias,
+                                          "applied": "labels from q = p / w**tau * exp(bias) normalised, inside "
+                                                     "the model"},
                      "operating_point": point},
         "postprocess": {"settings": postprocess,
                         "applied": "NOT inside the model: remove connected components (8-connected) of a class "

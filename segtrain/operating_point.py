@@ -10,7 +10,9 @@ Three settings, each optional, applied in this order after the temperature (`seg
    ```
    tau = 0 leaves p as it is, tau = 1 undoes the weights fully. With two classes it is a threshold
    shift: foreground when p_fg >= w_fg**tau / (w_bg**tau + w_fg**tau) (`equivalent_threshold`).
-   `predict.prior_correction`: none (tau 0), weights (tau 1), tuned (tau chosen by `segtrain tune`).
+   `predict.prior_correction`: none (tau 0), weights (tau 1), tuned (tau chosen by `segtrain tune`,
+   and with three or more classes one bias b_c per class on top, q_c ∝ p_c / w_c**tau * exp(b_c):
+   what the weights leave skewed class by class, e.g. one rare class that absorbs a common one).
 2. the decision: the config's rule (argmax, least expected cost, threshold) on q, or, for two
    classes, a foreground threshold chosen by `segtrain tune` (p_fg >= threshold replaces the rule).
 3. post-processing per class (`segtrain.postprocess`): min_size / max_hole, from the config's
@@ -35,23 +37,36 @@ import numpy as np
 OPERATING_POINT_FILE = "operating_point.json"
 
 
-def prior_adjust(probs: np.ndarray, weights, tau: float) -> np.ndarray:
-    """q = (p / w**tau) normalised over the classes (module docstring); probs (..., K), weights K. tau 0: p."""
+def _scale(weights, tau: float, bias) -> Optional[np.ndarray]:
+    """w**-tau * exp(bias) per class, or None when it is all ones."""
+    k = len(weights) if weights is not None else (len(bias) if bias is not None else 0)
+    scale = np.ones(k)
+    if tau and weights is not None:
+        scale = scale * np.asarray(weights, np.float64) ** -float(tau)
+    if bias is not None:
+        scale = scale * np.exp(np.asarray(bias, np.float64))
+    return None if k == 0 or np.all(scale == 1.0) else scale
+
+
+def prior_adjust(probs: np.ndarray, weights, tau: float, bias=None) -> np.ndarray:
+    """q = (p / w**tau * exp(bias)) normalised over the classes (module docstring); probs (..., K), weights and bias
+    K (bias None: 0). tau 0 and no bias: p itself."""
     probs = np.asarray(probs)
-    if tau == 0 or weights is None:
+    scale = _scale(weights, tau, bias)
+    if scale is None:
         return probs
-    scale = np.asarray(weights, np.float64) ** -float(tau)
     q = probs.astype(np.float64) * scale
     return q / np.maximum(q.sum(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
 
 
-def prior_adjust_tf(probs, weights, tau: float):
+def prior_adjust_tf(probs, weights, tau: float, bias=None):
     """TensorFlow twin of `prior_adjust` (float32), for the exported model."""
     import tensorflow as tf
 
-    if tau == 0 or weights is None:
+    scale = _scale(weights, tau, bias)
+    if scale is None:
         return probs
-    scale = tf.constant(np.asarray(weights, np.float64) ** -float(tau), tf.float32)
+    scale = tf.constant(scale, tf.float32)
     q = tf.cast(probs, tf.float32) * scale
     return q / tf.maximum(tf.reduce_sum(q, axis=-1, keepdims=True), 1e-30)
 
@@ -70,25 +85,28 @@ class OperatingPoint:
     """Two classes: foreground when p_fg >= threshold, replacing the config's rule."""
     tau: Optional[float] = None
     """Prior-correction exponent (for predict.prior_correction: tuned)."""
+    bias: Optional[list[float]] = None
+    """Per-class log-biases on top of tau (three or more classes, predict.prior_correction: tuned)."""
     postprocess: dict[str, list[int]] = field(default_factory=dict)
     """class name -> [min_size, max_hole]."""
     info: dict = field(default_factory=dict)
     """objective, split, images, model, model_sha256, temperature, before / after figures."""
 
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold, "tau": self.tau, "postprocess": self.postprocess, **self.info}
+        return {"threshold": self.threshold, "tau": self.tau, "bias": self.bias, "postprocess": self.postprocess,
+                **self.info}
 
     @classmethod
     def from_dict(cls, data: dict) -> "OperatingPoint":
         data = dict(data)
-        return cls(threshold=data.pop("threshold", None), tau=data.pop("tau", None),
+        return cls(threshold=data.pop("threshold", None), tau=data.pop("tau", None), bias=data.pop("bias", None),
                    postprocess={str(k): [int(v[0]), int(v[1])] for k, v in (data.pop("postprocess", None) or {}).items()},
                    info=data)
 
     def summary(self) -> dict:
         """metrics.json's `operating_point`: the settings and where they were tuned."""
         keys = ("split", "objective", "images", "model", "temperature")
-        return {"file": OPERATING_POINT_FILE, "threshold": self.threshold, "tau": self.tau,
+        return {"file": OPERATING_POINT_FILE, "threshold": self.threshold, "tau": self.tau, "bias": self.bias,
                 "postprocess": self.postprocess, **{k: self.info.get(k) for k in keys}}
 
 

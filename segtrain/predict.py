@@ -70,6 +70,8 @@ class Predictor:
         self.temperature = float(temperature)
         self.class_weights = class_weights
         self.tau = self._tau(predict.prior_correction, log)
+        self.bias = (operating_point.bias if predict.prior_correction == "tuned" and operating_point is not None
+                     else None)
         self.postprocess = self._postprocess_settings()
         own_costs = any(v is not None for v in (predict.fp_cost, predict.fn_cost, predict.cost_matrix))
         if self.decision == "cost" and not own_costs:
@@ -160,10 +162,10 @@ class Predictor:
         return out
 
     def adjusted(self, probabilities: np.ndarray) -> np.ndarray:
-        """The probabilities the rule reads: prior-corrected by the run's class weights when tau > 0."""
+        """The probabilities the rule reads: prior-corrected by the run's class weights (tau) and tuned biases."""
         from segtrain.operating_point import prior_adjust
 
-        return prior_adjust(probabilities, self.class_weights, self.tau)
+        return prior_adjust(probabilities, self.class_weights, self.tau, self.bias)
 
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices H x W: prior correction, the decision rule, post-processing (class docstring)."""
@@ -183,6 +185,9 @@ class Predictor:
             parts.append(f"temperature {self.temperature:.4f}")
         if self.tau:
             parts.append(f"prior correction tau {self.tau:.3g}")
+        if self.bias is not None and any(self.bias):
+            parts.append("class biases " + ", ".join(f"{n} {b:+.2f}" for n, b in zip(self.config.data.classes, self.bias)
+                                                      if b))
         if self.postprocess:
             names = self.config.data.classes
             parts.append("post-processing " + ", ".join(f"{names[c]} min_size {n} max_hole {m}"

@@ -6,7 +6,9 @@ What is chosen (`segtrain.operating_point` says how each is applied):
   `predict.prior_correction: tuned`, the prior-correction exponent tau instead (a threshold shift
   restricted to what the class weights allow, `equivalent_threshold`);
 - several classes with `predict.prior_correction: tuned`: tau over `TAU_GRID` (0, 0.05, ..., 1), every
-  candidate's confusion matrix accumulated in the same pass over the split;
+  candidate's confusion matrix accumulated in the same pass over the split; then one log-bias per class
+  over `BIAS_GRID` (-1.5 .. 1.5 by 0.25), by coordinate ascent (`BIAS_ROUNDS` rounds over the classes in
+  index order) on a seeded sample of at most `BIAS_PIXELS` of the split's labelled pixels;
 - per class (the foreground for two classes, every class otherwise), post-processing
   (`segtrain.postprocess`): min_size over `SIZE_GRID`, then max_hole over `SIZE_GRID` given it,
   class by class in index order, each on the result of the ones before (a greedy coordinate search).
@@ -38,6 +40,9 @@ from segtrain.labels import IGNORE_INDEX
 OBJECTIVES = ("f1", "iou", "cost")
 TAU_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 SIZE_GRID = (0, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+BIAS_GRID = tuple(round(-1.5 + 0.25 * i, 2) for i in range(13))
+BIAS_ROUNDS = 2
+BIAS_PIXELS = 1_000_000
 
 
 # ---------------------------------------------------------------------------- the objectives
@@ -125,6 +130,33 @@ class TauSearch:
         values = objective_values(self.cms, objective, cost_matrix)
         i = best_index(values, self.grid, 0.0)
         return float(self.grid[i]), float(values[i]), self.cms[i]
+
+
+def bias_search(probs: np.ndarray, truth: np.ndarray, predictor, tau: float, objective: str, cost_matrix=None,
+                grid=BIAS_GRID, rounds: int = BIAS_ROUNDS) -> tuple[list[float], float]:
+    """(per-class log-biases, objective) by coordinate ascent over `grid` on sampled pixels probs (N, K), truth (N,),
+    on top of the prior correction with `tau` and the predictor's rule; ties go to 0 (no bias)."""
+    from segtrain.decision import decide
+    from segtrain.operating_point import prior_adjust
+
+    k = probs.shape[-1]
+    base = prior_adjust(probs, predictor.class_weights, tau)
+
+    def value(bias):
+        q = prior_adjust(base, None, 0.0, bias)
+        labels = decide(q, predictor.decision, predictor.threshold, predictor.cost_matrix)
+        return objective_values(confusion(truth, labels, k), objective, cost_matrix)[0]
+
+    bias = np.zeros(k)
+    for _ in range(rounds):
+        for c in range(k):
+            values = []
+            for g in grid:
+                trial = bias.copy()
+                trial[c] = g
+                values.append(value(trial))
+            bias[c] = grid[best_index(np.array(values), grid, 0.0)]
+    return [float(b) for b in bias], float(value(bias))
 
 
 class PostprocessSearch:
@@ -215,7 +247,7 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     """`segtrain tune RUN`: search the operating point on `split` (default: the run's data.val_split), write
     RUN/operating_point.json and return it (module docstring for what is searched)."""
     from segtrain.atomic import write_json
-    from segtrain.calibration import model_digest
+    from segtrain.calibration import PixelSample, model_digest
     from segtrain.data.discovery import find_pairs
     from segtrain.data.masks import MaskMapping
     from segtrain.metrics import ProbabilityHistogram
@@ -249,12 +281,15 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     before = np.zeros((k, k), np.int64)
     histogram = ProbabilityHistogram() if k == 2 and not tune_tau else None
     taus = TauSearch(base) if tune_tau else None
+    sample = PixelSample(BIAS_PIXELS) if tune_tau and k > 2 else None
     for probs, truth in _split_images(base, pairs, mapping, max_pixels, "tuning"):
         before += confusion(truth, base.labels(probs), k)
         if histogram is not None:
             histogram.update(base.adjusted(probs)[..., 1], truth)
         if taus is not None:
             taus.update(probs, truth)
+        if sample is not None:
+            sample.add(probs, truth)
     if before.sum() == 0:
         raise DataError(f"split {split!r}: no labelled (non-ignored) pixels to tune on.")
     point = OperatingPoint()
@@ -262,11 +297,14 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
         point.threshold, _, after = threshold_search(histogram, objective, costs)
     elif taus is not None:
         point.tau, _, after = taus.best(objective, costs)
+        if sample is not None:
+            point.bias, _ = bias_search(sample.logits.astype(np.float64), sample.labels, base, point.tau, objective,
+                                        costs)
     else:
         after = before
 
-    # pass 2: the label maps at the chosen point, for the post-processing search
-    if postprocess:
+    # pass 2: the label maps at the chosen point, for the post-processing search (and the figures with biases)
+    if postprocess or point.bias is not None:
         chosen = Predictor(base.model, config, log=quiet, temperature=base.temperature, operating_point=point,
                            class_weights=base.class_weights)
         chosen.postprocess = {}
@@ -275,8 +313,9 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
             q = chosen.adjusted(probs)
             labels = chosen.labels(probs)
             search.add(truth, labels, second_choice(q, labels))
-        settings = search.search([1] if k == 2 else list(range(k)))
-        point.postprocess = {classes[c]: [n, m] for c, (n, m) in settings.items()}
+        if postprocess:
+            settings = search.search([1] if k == 2 else list(range(k)))
+            point.postprocess = {classes[c]: [n, m] for c, (n, m) in settings.items()}
         after = search.total()
 
     point.info = {
@@ -289,6 +328,8 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
         "before": figures(before, classes, objective, costs), "after": figures(after, classes, objective, costs),
         "searched": {"threshold": "edges 0, 0.001, ..., 1" if histogram is not None else None,
                      "tau": list(TAU_GRID) if taus is not None else None,
+                     "bias": ({"grid": list(BIAS_GRID), "rounds": BIAS_ROUNDS, "pixels": int(len(sample.labels))}
+                              if sample is not None else None),
                      "sizes": list(SIZE_GRID) if postprocess else None},
     }
     write_json(point.to_dict(), run_dir / OPERATING_POINT_FILE)
@@ -312,6 +353,8 @@ def format_tuning(point, classes) -> str:
     if point.tau is not None:
         extra = "" if info.get("equivalent_threshold") is None else f" (threshold {info['equivalent_threshold']:.3f})"
         chosen.append(f"prior correction tau {point.tau:.2f}{extra}")
+    if point.bias is not None and any(point.bias):
+        chosen.append("class biases " + ", ".join(f"{n} {b:+.2f}" for n, b in zip(classes, point.bias) if b))
     for name, (n, m) in point.postprocess.items():
         if n or m:
             chosen.append(f"{name}: remove components < {n} px, fill holes < {m} px")

@@ -22,8 +22,8 @@ def test_data_variants_tiny_prints_every_variant():
 def test_prior_correction_tiny_prints_the_five_rows_and_a_verdict():
     lines = run_script("prior_correction.py", "--tiny")
     names = [r[0] for r in table_rows(lines, "none") + table_rows(lines, "median_frequency")]
-    assert names == ["none", "median_frequency", "median_frequency + weights (tau 1)", "median_frequency + tuned tau",
-                     "median_frequency + tuned tau + post-processing"]
+    assert names == ["none", "median_frequency", "median_frequency + weights (tau 1)",
+                     "median_frequency + tuned (tau, class biases)", "median_frequency + tuned + post-processing"]
     assert "both uncorrected rows" in lines[-1]
 
 

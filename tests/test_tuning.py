@@ -140,6 +140,24 @@ def test_two_class_tau_agrees_with_the_tuned_threshold():
     assert value == pytest.approx(best_by_threshold, rel=1e-12)
 
 
+def test_bias_search_undoes_a_class_that_absorbs_another_and_never_loses():
+    """Probabilities from a model that over-calls class 2 (its score inflated by e**1): the search puts a negative
+    bias on class 2, its value is the recomputed objective of arg-max(log p + b), and it beats no bias."""
+    from segtrain.tuning import BIAS_GRID, bias_search
+
+    rng = np.random.default_rng(2)
+    n, k = 20000, 3
+    truth = rng.choice(k, size=n, p=[0.6, 0.3, 0.1])
+    scores = rng.normal(0.0, 1.0, (n, k)) + 1.5 * np.eye(k)[truth]
+    scores[:, 2] += 1.0  # the skew
+    probs = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+    bias, value = bias_search(probs, truth, FakePredictor(k, [1.0, 1.0, 1.0]), 0.0, "iou")
+    assert bias[2] < 0 and all(b in BIAS_GRID for b in bias)
+    labels = np.argmax(np.log(probs) + np.asarray(bias), -1)
+    assert value == pytest.approx(objective_values(confusion(truth, labels, k), "iou")[0], rel=1e-12)
+    assert value > objective_values(confusion(truth, np.argmax(probs, -1), k), "iou")[0] + 0.01
+
+
 def speckled_maps(seed, n_images=3, size=24):
     """Truth with blobs; labels = truth plus speckle (false specks and pin holes) the search should clean."""
     rng = np.random.default_rng(seed)
@@ -241,7 +259,7 @@ def test_several_classes_tune_tau_and_post_processing(tmp_path):
     result = invoke("tune", tmp_path / "run", "--objective", "iou")
     assert result.exit_code == 0, result.output
     point = json.loads((tmp_path / "run" / "operating_point.json").read_text())
-    assert point["tau"] in TAU_GRID and point["threshold"] is None
+    assert point["tau"] in TAU_GRID and point["threshold"] is None and len(point["bias"]) == 3
     assert set(point["postprocess"]) == {"background", "stripe", "square"}
     assert invoke("eval", "--checkpoint", tmp_path / "run").exit_code == 0
     metrics = json.loads((tmp_path / "run" / "eval_val" / "metrics.json").read_text())
