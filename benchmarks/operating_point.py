@@ -77,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="training steps (10 epochs)")
     parser.add_argument("--out", type=Path, help="keep the run folder and results.json here (default: a temp folder)")
+    parser.add_argument("--objectives", default="f1,cost", help="comma-separated objectives to tune for")
     parser.add_argument("--tiny", action="store_true", help="smoke run: a synthetic set, a few steps")
     args = parser.parse_args()
 
@@ -102,7 +103,7 @@ def main() -> None:
         untuned = evaluate(run_dir, data_root, tuned=False)
         calibration = untuned["calibration"]
         rows = [row("argmax (untuned)", untuned, costs)]
-        for objective in ("f1", "cost"):
+        for objective in args.objectives.split(","):
             for post in (False, True):
                 tune_run(str(run_dir), "val_a", objective, postprocess=post, log=QUIET)
                 name = f"tuned for {objective}" + (" + post-processing" if post else "")
