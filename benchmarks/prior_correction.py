@@ -62,14 +62,16 @@ TINY_OVERRIDES = ["data.classes=[background, stripe, square]", "data.mask.values
 
 
 def evaluate(run_dir: Path, data_root: Path, correction: str, split: str = "val_b") -> dict:
-    """Metrics of run_dir/best.keras on `split` with predict.prior_correction = `correction`."""
+    """Metrics of run_dir/best.keras on `split` with predict.prior_correction = `correction`; the run's
+    operating_point.json (tau, biases, post-processing) only for "tuned"."""
     from segtrain.data.discovery import find_pairs
     from segtrain.data.masks import MaskMapping
     from segtrain.evaluation import evaluate_run
     from segtrain.runs import run_config
 
     config = run_config(run_dir)
-    config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, prior_correction=correction))
+    config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, prior_correction=correction,
+                                                                     tuned=correction == "tuned"))
     pairs = find_pairs(str(data_root), split)
     return evaluate_run(run_dir / "best.keras", config, pairs, MaskMapping(config.data.mask, config.data.classes),
                         run_dir / f"eval_{split}_{correction}", log=QUIET, worst=0)
