@@ -161,8 +161,8 @@ def calibrate(run, split):
               help="Also choose per-class post-processing (remove small components, fill small holes).")
 def tune(run, split, objective, postprocess):
     """Choose RUN's operating point on a labelled split and write RUN/operating_point.json, which eval and predict
-    then apply: the threshold (two classes) or, with predict.prior_correction: tuned, the prior-correction tau,
-    and per class the post-processing."""
+    then apply: the threshold (two classes) or, with predict.prior_correction: tuned, the prior-correction tau (and
+    with several classes one bias per class), and per class the post-processing."""
     _import_tensorflow_quietly()
     from segtrain.tuning import tune_run
 
