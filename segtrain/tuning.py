@@ -35,7 +35,6 @@ import click
 import numpy as np
 
 from segtrain.errors import ConfigError, DataError
-from segtrain.labels import IGNORE_INDEX
 
 OBJECTIVES = ("f1", "iou", "cost")
 TAU_GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -89,9 +88,9 @@ def best_index(values: np.ndarray, candidates, prefer: float) -> int:
 
 def confusion(truth: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """K x K counts (rows true, columns predicted) of the pixels whose truth is not ignored."""
-    valid = truth != IGNORE_INDEX
-    return np.bincount(truth[valid].astype(np.int64) * k + labels[valid].astype(np.int64),
-                       minlength=k * k).reshape(k, k)
+    from segtrain.metrics import confusion_matrix_np
+
+    return confusion_matrix_np(truth, labels, k)
 
 
 # ---------------------------------------------------------------------------- the searches
