@@ -59,24 +59,6 @@ def test_gpu_benchmark_code_path_runs_on_the_cpu_when_allowed():
     assert any(line.startswith("pipeline efficiency") for line in lines)
 
 
-def test_quality_tiny_prints_a_per_class_table_for_segtrain_and_the_plain_script():
-    lines = run_script("quality.py", "--tiny")
-    header = lines.index("| set | run | minutes | steps | class | IoU | F1 | precision | recall |")
-    rows = [line for line in lines[header + 2:] if line.startswith("| tiny |")]
-    runs = {row.split("|")[2].strip().split(" (")[0] for row in rows}
-    assert runs == {"segtrain best.keras", "segtrain last.keras", "plain Keras"}
-    assert len(rows) == 6  # two classes for each of the three runs
-
-
-def test_cost_tradeoff_tiny_prints_the_three_cost_settings():
-    lines = run_script("cost_tradeoff.py", "--tiny")
-    rows = [line for line in lines if line.startswith("| high") or line.startswith("| default")]
-    assert [row.split("|")[1].strip().split(" (")[0] for row in rows] == ["high fn_cost", "default costs",
-                                                                          "high fp_cost"]
-    assert any(line.startswith("recall high-to-low") for line in lines)
-    assert lines[-1].startswith("ratio: ")
-
-
 def test_predict_throughput_tiny_prints_a_final_ratio():
     final_ratio(run_script("predict_throughput.py", "--tiny"))
 

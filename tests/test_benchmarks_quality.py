@@ -1,5 +1,5 @@
-"""The quality benchmarks added with tune, prior correction and the data variants, on their tiny settings (a file of
-their own so that pytest-xdist can run it beside tests/test_benchmarks.py)."""
+"""The quality benchmarks (segtrain against plain Keras, costs, the data variants, tune and prior correction) on their
+tiny settings, in a file of their own so that pytest-xdist can run it beside tests/test_benchmarks.py."""
 
 import pytest
 
@@ -32,3 +32,21 @@ def test_operating_point_tiny_prints_calibration_and_the_tuned_rows():
     assert any(line.startswith("calibration on val_b: T = ") for line in lines)
     names = [r[0] for r in table_rows(lines, "argmax") + table_rows(lines, "tuned")]
     assert names == ["argmax (untuned)", "tuned for f1", "tuned for f1 + post-processing"]
+
+
+def test_quality_tiny_prints_a_per_class_table_for_segtrain_and_the_plain_script():
+    lines = run_script("quality.py", "--tiny")
+    header = lines.index("| set | run | minutes | steps | class | IoU | F1 | precision | recall |")
+    rows = [line for line in lines[header + 2:] if line.startswith("| tiny |")]
+    runs = {row.split("|")[2].strip().split(" (")[0] for row in rows}
+    assert runs == {"segtrain best.keras", "segtrain last.keras", "plain Keras"}
+    assert len(rows) == 6  # two classes for each of the three runs
+
+
+def test_cost_tradeoff_tiny_prints_the_three_cost_settings():
+    lines = run_script("cost_tradeoff.py", "--tiny")
+    rows = [line for line in lines if line.startswith("| high") or line.startswith("| default")]
+    assert [row.split("|")[1].strip().split(" (")[0] for row in rows] == ["high fn_cost", "default costs",
+                                                                          "high fp_cost"]
+    assert any(line.startswith("recall high-to-low") for line in lines)
+    assert lines[-1].startswith("ratio: ")
