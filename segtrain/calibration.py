@@ -208,15 +208,11 @@ class PixelSample:
 def collect_logits(predictor, pairs, mapping, max_image_pixels: int, limit: int = MAX_PIXELS,
                    seed: int = SEED) -> PixelSample:
     """Logits and labels of a seeded sample of the valid pixels of `pairs`, through `predictor.logits`."""
-    from tqdm import tqdm
-
-    from segtrain.data.images import read_image
-    from segtrain.data.scan import load_mask
+    from segtrain.data.scan import labelled_images
 
     sample = PixelSample(limit, seed)
-    for pair in tqdm(pairs, desc="calibrating", unit="image", leave=False, disable=None):
-        image = read_image(pair.image, predictor.channels, max_image_pixels)
-        sample.add(predictor.logits(image), load_mask(pair, mapping, max_image_pixels))
+    for _, image, truth in labelled_images(pairs, mapping, predictor.channels, max_image_pixels, "calibrating"):
+        sample.add(predictor.logits(image), truth)
     return sample
 
 

@@ -37,9 +37,8 @@ import numpy as np
 from segtrain.atomic import write_csv
 from segtrain.config import Config
 from segtrain.data.discovery import Pair, find_pairs
-from segtrain.data.images import read_image
 from segtrain.data.masks import MaskMapping
-from segtrain.data.scan import load_mask
+from segtrain.data.scan import labelled_images
 from segtrain.errors import ConfigError
 from segtrain.predict import Predictor
 from segtrain.runs import resolve_checkpoint, run_config
@@ -141,16 +140,12 @@ def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping
     `reliability`, a pair of `segtrain.calibration.ReliabilityBins` (before, after), counts the
     uncalibrated and the calibrated probabilities.
     """
-    from tqdm import tqdm
-
     from segtrain.metrics import ProbabilityHistogram, confusion_matrix_np
 
     num_classes = len(predictor.config.data.classes)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     histogram = ProbabilityHistogram() if num_classes == 2 else None
-    for pair in tqdm(pairs, desc="evaluating", unit="image", leave=False, disable=None):
-        image = read_image(pair.image, predictor.channels, max_pixels)
-        truth = load_mask(pair, mapping, max_pixels)
+    for pair, image, truth in labelled_images(pairs, mapping, predictor.channels, max_pixels, "evaluating"):
         probabilities = predictor.probabilities(image)
         labels = predictor.labels(probabilities)
         if per_image is not None:

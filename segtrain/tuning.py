@@ -215,14 +215,10 @@ class PostprocessSearch:
 
 def _split_images(predictor, pairs, mapping, max_pixels: int, desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(calibrated probabilities, truth) of every image of the split, through the predictor."""
-    from tqdm import tqdm
+    from segtrain.data.scan import labelled_images
 
-    from segtrain.data.images import read_image
-    from segtrain.data.scan import load_mask
-
-    for pair in tqdm(pairs, desc=desc, unit="image", leave=False, disable=None):
-        image = read_image(pair.image, predictor.channels, max_pixels)
-        yield predictor.probabilities(image), load_mask(pair, mapping, max_pixels)
+    for _, image, truth in labelled_images(pairs, mapping, predictor.channels, max_pixels, desc):
+        yield predictor.probabilities(image), truth
 
 
 def figures(cm: np.ndarray, class_names, objective: str, cost_matrix) -> dict:

@@ -30,6 +30,13 @@ def load_mask(pair: Pair, mapping: MaskMapping, max_pixels: int) -> np.ndarray:
     return mapping.to_classes(raw, pair.mask)
 
 
+def labelled_images(pairs: list[Pair], mapping: MaskMapping, channels: int, max_pixels: int, desc: str):
+    """(pair, image H x W x channels, class-index mask) of every pair in order, with a progress bar: the loop that
+    evaluation, calibration and tuning run over a labelled split."""
+    for pair in tqdm(pairs, desc=desc, unit="image", leave=False, disable=None):
+        yield pair, read_image(pair.image, channels, max_pixels), load_mask(pair, mapping, max_pixels)
+
+
 def check_pair(pair: Pair, mapping: MaskMapping, channels: int, max_pixels: int,
                reference: Optional[Path] = None) -> np.ndarray:
     """Decode the image fully (a truncated file fails here, not mid-training) and return the class mask.
