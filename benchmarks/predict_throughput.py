@@ -1,6 +1,6 @@
 """Overhead of tiled prediction over the bare model forward pass on the same tiles.
 
-Times `segtrain.inference.predict_probabilities` on one size x size image against the model
+Times `segtrain.policy.inference.predict_probabilities` on one size x size image against the model
 alone run on the same tiles (pre-extracted, same batches, same padded last batch, outputs
 fetched to NumPy), medians over repeats. The last line is `ratio: X`, X = tiled / bare
 (target: X <= 1.15).
@@ -25,7 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from segtrain.inference import predict_probabilities, tile_positions  # noqa: E402
+from segtrain.policy.inference import predict_probabilities, tile_positions  # noqa: E402
 
 
 def _local_unet(in_channels: int, out_channels: int, depth: int, base_filters: int) -> keras.Model:

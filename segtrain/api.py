@@ -75,27 +75,41 @@ def evaluate(checkpoint: Union[str, Path, None] = None, data: Optional[str] = No
 
 
 class Segmenter:
-    """A run's model with its decision rule, tiling and mask encoding: `predict(image)` as `segtrain predict` does."""
+    """A run's model with its decision policy, tiling and mask encoding: `predict(image)` as `segtrain predict` does."""
 
-    def __init__(self, predictor, config: Config):
+    def __init__(self, predictor, config: Config, sample_type: str = "uint8"):
         from segtrain.data.masks import MaskMapping
 
         self._predictor = predictor
         self.config = config
         self.classes = list(config.data.classes)
+        self.policy = predictor.policy
+        self.sample_type = sample_type
         self._mapping = MaskMapping(config.data.mask, config.data.classes)
 
     def predict(self, image) -> Prediction:
-        """Labels, probabilities and mask of one image (an H x W or H x W x C array of raw pixel values)."""
+        """Labels, q (the probabilities the rule reads) and mask of one image: an H x W or H x W x C array of raw
+        pixel values. uint16 arrays of a run trained on b-bit samples (e.g. 12-bit) are scaled by 2**b - 1, as its
+        files were."""
         from segtrain.data.images import as_model_input
 
-        probabilities = self._predictor.probabilities(as_model_input(image, self._predictor.channels))
-        labels = self._predictor.labels(probabilities)
-        return Prediction(labels, probabilities, self._mapping.encode(labels))
+        image = _scaled_to_run(np.asarray(image), self.sample_type)
+        _, probabilities, labels = self._predictor.predict(as_model_input(image, self._predictor.channels))
+        return Prediction(labels, probabilities.astype(np.float32), self._mapping.encode(labels))
+
+
+def _scaled_to_run(image: np.ndarray, sample_type: str) -> np.ndarray:
+    """A uint16 array of a run trained on b-bit samples (9 <= b < 16) as floats in [0, 1] by 2**b - 1; else as given."""
+    if image.dtype == np.uint16 and sample_type.startswith("uint") and sample_type[4:].isdigit():
+        bits = int(sample_type[4:])
+        if 8 < bits < 16:
+            return image.astype(np.float64) / (2**bits - 1)
+    return image
 
 
 class ExportedSegmenter:
-    """An export folder (`segtrain export`, SavedModel format) behind the same `predict` as `Segmenter`."""
+    """An export folder (`segtrain export`, SavedModel format) behind the same `predict` as `Segmenter`, including
+    the post-processing metadata.json describes (it is not inside the exported graph)."""
 
     def __init__(self, folder: Path):
         import tensorflow as tf
@@ -105,26 +119,35 @@ class ExportedSegmenter:
         self._serve = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
         values = np.asarray(self.metadata["labels_to_mask"]["values"])
         self._lut = values.astype(np.uint16 if values.max() > 255 else np.uint8)  # 16-bit masks above 255
+        settings = (self.metadata.get("postprocess") or {}).get("settings") or {}
+        self._postprocess = {self.classes.index(name): (int(v["min_size"]), int(v["max_hole"]))
+                             for name, v in settings.items()}
 
     def predict(self, image) -> Prediction:
         import tensorflow as tf
 
         from segtrain.data.images import as_model_input
+        from segtrain.policy.postprocess import postprocess, second_choice
 
-        pixels = as_model_input(image, self.metadata["input"]["channels"])  # 0..255 floats
-        top = self.metadata["input"].get("max_value") or np.iinfo(self.metadata["input"]["dtype"]).max
-        raw = np.clip(np.rint(pixels * (top / 255.0)), 0, top).astype(self.metadata["input"]["dtype"])
+        spec = self.metadata["input"]
+        image = _scaled_to_run(np.asarray(image), spec.get("sample_type", "uint8"))
+        pixels = as_model_input(image, spec["channels"])  # 0..255 floats
+        top = spec.get("max_value") or np.iinfo(spec["dtype"]).max
+        raw = np.clip(np.rint(pixels * (top / 255.0)), 0, top).astype(spec["dtype"])
         out = self._serve(images=tf.constant(raw[None]))
-        labels = out["labels"].numpy()[0]
-        return Prediction(labels, out["probabilities"].numpy()[0], self._lut[labels])
+        labels, scores = out["labels"].numpy()[0].astype(np.int64), out["probabilities"].numpy()[0]
+        if self._postprocess:
+            labels = postprocess(labels, second_choice(scores, labels), self._postprocess)
+        return Prediction(labels, scores, self._lut[labels])
 
 
 def load(path: Union[str, Path], decision: Optional[str] = None, threshold: Optional[float] = None,
          tta: Optional[bool] = None, log=print):
-    """A Segmenter from a run folder or .keras file (decision, threshold, tta override the run's config), or an
+    """A Segmenter from a run folder or .keras file (decision, threshold, tta override the run's policy), or an
     ExportedSegmenter from a `segtrain export --format saved_model` folder."""
-    from segtrain.predict import Predictor
-    from segtrain.runs import resolve_checkpoint, run_config
+    from segtrain.policy.predictor import Predictor
+    from segtrain.policy.store import Overrides
+    from segtrain.runs import RUN_INFO, resolve_checkpoint, run_config
 
     path = Path(path)
     if (path / "metadata.json").is_file() and (path / "saved_model").is_dir():
@@ -133,4 +156,6 @@ def load(path: Union[str, Path], decision: Optional[str] = None, threshold: Opti
         return ExportedSegmenter(path)
     model_path, run_dir = resolve_checkpoint(path)
     config = run_config(run_dir)
-    return Segmenter(Predictor.load(model_path, config, decision, threshold, tta, log), config)
+    info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
+    predictor = Predictor.load(model_path, config, Overrides(decision, threshold, tta), log)
+    return Segmenter(predictor, config, info.get("input_sample_type", "uint8"))

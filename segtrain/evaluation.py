@@ -19,11 +19,13 @@ lowest score is the worst; ties keep the split's order; images where no foregrou
 counts (nothing to find and nothing found) have no score and rank after every scored image.
 
 Calibration: eval also counts every valid pixel's top-class confidence in 15 equal-width bins
-(`segtrain.calibration.ReliabilityBins`) for the probabilities before (T = 1) and after the
-run's temperature (calibration.json), and reports the expected calibration error of both
-(metrics.json `calibration`, printed) and their reliability diagram (`reliability.png`). With
-T = 1 (no calibration.json, or predict.calibrate false) both are the same probabilities; otherwise
-the uncalibrated ones cost a second forward pass per image.
+(`segtrain.policy.calibration.ReliabilityBins`) for the probabilities before (T = 1) and after the
+run's temperature (policy.json), both from the same logits, and reports the expected calibration error
+of both (metrics.json `calibration`, printed) and their reliability diagram (`reliability.png`).
+
+Thresholds (two classes): the best-F1 and least-cost marks of pr_curve.png and metrics.json `thresholds`
+are on q, the probability the rule reads (`segtrain.policy.policy`), so `--threshold` at a mark gives
+that mark's figures.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from segtrain.atomic import write_csv
 from segtrain.config import Config
 from segtrain.data.discovery import Pair, find_pairs
 from segtrain.data.masks import MaskMapping
-from segtrain.data.scan import labelled_images
 from segtrain.errors import ConfigError
-from segtrain.predict import Predictor
+from segtrain.policy.predictor import Predictor, SplitLogits
+from segtrain.policy.store import Overrides
 from segtrain.runs import resolve_checkpoint, run_config
 
 
@@ -54,13 +56,13 @@ def per_image_rows(name: str, cm: np.ndarray, class_names) -> list[dict]:
     module docstring for the absent-class rule), support (true pixels), predicted (pixels
     predicted as the class) and true_positives.
     """
-    from segtrain.metrics import _class_metrics
+    from segtrain.metrics import class_metrics
 
     cm = np.asarray(cm, dtype=np.int64)
     support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
     rows = []
     for c, class_name in enumerate(class_names):
-        m = _class_metrics(int(tp[c]), int(predicted[c] - tp[c]), int(support[c] - tp[c]))
+        m = class_metrics(int(tp[c]), int(predicted[c] - tp[c]), int(support[c] - tp[c]))
         rows.append({"image": name, "class": str(class_name),
                      **{key: m[key] for key in ("iou", "dice", "precision", "recall")},
                      "support": int(support[c]), "predicted": int(predicted[c]), "true_positives": int(tp[c])})
@@ -131,41 +133,42 @@ class PerImage:
         return list(self._kept)
 
 
-def evaluate_pairs(predictor: Predictor, pairs: list[Pair], mapping: MaskMapping, max_pixels: int,
-                   relaxed=None, per_image: Optional[PerImage] = None, reliability=None):
-    """(K x K confusion matrix, foreground probability histogram or None) over all pairs.
+def evaluate_pairs(split: SplitLogits, relaxed=None, per_image: Optional[PerImage] = None, reliability=None):
+    """(K x K confusion matrix, histogram of the foreground's q or None) over a split, under its predictor's policy.
 
     `relaxed`, a RelaxedPrecisionRecall accumulator (two classes), is fed every mask too;
     `per_image`, a `PerImage`, gets every image's matrix (and the arrays of the worst ones);
-    `reliability`, a pair of `segtrain.calibration.ReliabilityBins` (before, after), counts the
-    uncalibrated and the calibrated probabilities.
+    `reliability`, a pair of `segtrain.policy.calibration.ReliabilityBins` (before, after), counts the
+    uncalibrated and the calibrated probabilities of the same logits.
     """
     from segtrain.metrics import ProbabilityHistogram, confusion_matrix_np
+    from segtrain.policy.temperature import apply_temperature
 
-    num_classes = len(predictor.config.data.classes)
+    policy = split.predictor.policy
+    num_classes = policy.num_classes
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     histogram = ProbabilityHistogram() if num_classes == 2 else None
-    for pair, image, truth in labelled_images(pairs, mapping, predictor.channels, max_pixels, "evaluating"):
-        probabilities = predictor.probabilities(image)
-        labels = predictor.labels(probabilities)
+    for pair, image, truth, logits in split:
+        probabilities = policy.probabilities(logits)
+        scores = policy.scores(probabilities)
+        labels = policy.labels(scores)
         if per_image is not None:
             cm += per_image.add(pair.stem, truth, labels, image)
         else:
             cm += confusion_matrix_np(truth, labels, num_classes)
         if histogram is not None:
-            histogram.update(probabilities[..., 1], truth)
+            histogram.update(scores[..., 1], truth)
         if relaxed is not None:
             relaxed.update_labels(truth, labels)
         if reliability is not None:
             before, after = reliability
             after.update(probabilities, truth)
-            raw = probabilities if predictor.temperature == 1.0 else predictor.probabilities(image, calibrated=False)
-            before.update(raw, truth)
+            before.update(apply_temperature(logits, 1.0), truth)
     return cm, histogram
 
 
 def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix, per_image: Optional[PerImage] = None,
-                  reliability=None, temperature: float = 1.0) -> None:
+                  reliability=None, temperature=1.0) -> None:
     """per_class.csv, confusion_matrix.png, for two classes pr_curve.png, and with `per_image`
     per_image.csv and (when it kept images) worst_images.png, whose ranking goes into metrics["worst_images"];
     with `reliability` (ReliabilityBins before, after the temperature) metrics["calibration"] and reliability.png."""
@@ -198,53 +201,82 @@ def write_reports(metrics: dict, histogram, out_dir: Path, cost_matrix, per_imag
         before, after = reliability
         metrics["calibration"] = calibration_metrics(before, after, temperature)
         if before.count.sum() > 0:
-            plot_reliability({"before (T = 1)": before.curve(), f"after (T = {temperature:.3g})": after.curve()},
+            plot_reliability({"before (T = 1)": before.curve(), f"after (T = {temperature_text(temperature)})":
+                              after.curve()},
                              out_dir / "reliability.png")
 
 
-def calibration_metrics(before, after, temperature: float) -> dict:
-    """metrics.json's `calibration`: the temperature, ECE before and after it (15 equal-width bins over the
-    top-class confidence, `segtrain.calibration`) and both reliability curves."""
-    return {"temperature": float(temperature), "ece_before": before.ece(), "ece_after": after.ece(),
+def temperature_text(temperature) -> str:
+    """'0.612', or 'per class 0.5, 1.2, ...' for per-class temperatures."""
+    if np.ndim(temperature) == 0:
+        return f"{float(temperature):.3g}"
+    return "per class " + ", ".join(f"{t:.3g}" for t in np.ravel(temperature))
+
+
+def calibration_metrics(before, after, temperature) -> dict:
+    """metrics.json's `calibration`: the temperature(s), ECE before and after (15 equal-width bins over the
+    top-class confidence, `segtrain.policy.calibration`) and both reliability curves."""
+    return {"temperature": np.asarray(temperature, float).tolist(), "ece_before": before.ece(), "ece_after": after.ece(),
             "ece_bins": before.bins, "reliability_before": before.curve(), "reliability_after": after.curve()}
 
 
 def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: MaskMapping, out_dir: Path,
-                 decision: Optional[str] = None, threshold: Optional[float] = None,
-                 relaxed_rho: Optional[float] = None, log=click.echo, worst: int = DEFAULT_WORST) -> dict:
-    """Evaluate a saved model on pairs, print the table, write reports into out_dir; return the metrics.
-
-    `worst`: rows of worst_images.png (0: no gallery; per_image.csv is always written)."""
-    from segtrain.calibration import ReliabilityBins
-    from segtrain.metrics import RelaxedPrecisionRecall, metrics_from_confusion
-    from segtrain.reports import format_metrics_table
-
-    predictor = Predictor.load(model_path, config, decision, threshold, log=log)
+                 split: str, overrides: Optional[Overrides] = None, relaxed_rho: Optional[float] = None,
+                 log=click.echo, worst: int = DEFAULT_WORST) -> dict:
+    """Evaluate a saved model on the labelled `pairs` of `split` under its resolved policy (`overrides`: from the
+    command line), print the table, write reports into out_dir; return the metrics."""
     if relaxed_rho is not None and len(config.data.classes) != 2:
         raise ConfigError("--relaxed: relaxed precision and recall are defined for two classes only.")
+    predictor = Predictor.load(model_path, config, overrides, log=log)
+    log(f"Evaluating {model_path} on {split} ({len(pairs)} images)")
+    return evaluate_split(SplitLogits(predictor, pairs, mapping, "evaluating"), split, out_dir, relaxed_rho, log,
+                          worst, model_path)
+
+
+def evaluate_split(split_logits: SplitLogits, split: str, out_dir: Path, relaxed_rho: Optional[float] = None,
+                   log=click.echo, worst: int = DEFAULT_WORST, model_path: Optional[Path] = None) -> dict:
+    """The metrics of a split's logits under their predictor's policy, printed and written into out_dir
+    (metrics.json, per_class.csv, per_image.csv, plots)."""
+    from segtrain.atomic import write_json
+    from segtrain.metrics import RelaxedPrecisionRecall, metrics_from_confusion
+    from segtrain.policy.calibration import ReliabilityBins
+    from segtrain.reports import format_metrics_table
+
+    predictor = split_logits.predictor
+    policy, classes = predictor.policy, list(predictor.config.data.classes)
     relaxed = RelaxedPrecisionRecall(relaxed_rho) if relaxed_rho is not None else None
-    per_image = PerImage(config.data.classes, worst)
+    per_image = PerImage(classes, worst)
     reliability = (ReliabilityBins(), ReliabilityBins())
-    cm, histogram = evaluate_pairs(predictor, pairs, mapping, config.data.max_image_pixels, relaxed, per_image,
-                                   reliability)
-    metrics = metrics_from_confusion(cm, config.data.classes, predictor.cost_matrix)
+    cm, histogram = evaluate_pairs(split_logits, relaxed, per_image, reliability)
+    metrics = metrics_from_confusion(cm, classes, policy.cost_matrix)
     if relaxed is not None:
         metrics["relaxed"] = relaxed.result()
-    metrics["decision"] = {"rule": predictor.decision, "threshold": predictor.threshold, "prior_correction_tau": predictor.tau,
-                           "postprocess": {config.data.classes[c]: list(v) for c, v in predictor.postprocess.items()}}
-    if predictor.operating_point is not None:
-        metrics["operating_point"] = predictor.operating_point.summary()
-    metrics["model"] = str(model_path)
-    write_reports(metrics, histogram, out_dir, predictor.cost_matrix, per_image, reliability, predictor.temperature)
+    resolved = predictor.resolved
+    metrics["decision"] = resolved.summary() if resolved is not None else policy.to_dict()
+    tuned = resolved.tuned if resolved is not None else None
+    if tuned is not None:
+        metrics["operating_point"] = {k: tuned.get(k) for k in ("split", "objective", "images", "pixels")}
+        if tuned.get("split") == split:
+            metrics["operating_point"]["warning"] = (
+                f"the operating point was tuned on {split!r}, the split scored here: these figures are optimistic; "
+                "tune on another labelled split to report honestly.")
+    metrics["model"] = str(model_path) if model_path is not None else None
+    metrics["split"] = split
+    write_reports(metrics, histogram, out_dir, policy.cost_matrix, per_image, reliability, policy.temperature)
     log(format_metrics_table(metrics))
-    log(f"Decision: {predictor.describe()}")
+    log(f"Decision: {policy.describe()}")
+    for source in metrics["decision"].get("sources", []):
+        log(f"  from {source}")
+    if "operating_point" in metrics and "warning" in metrics["operating_point"]:
+        log(f"warning: {metrics['operating_point']['warning']}")
     calibration = metrics["calibration"]
-    log(f"Calibration (T = {calibration['temperature']:.4f}): ECE {_fmt(calibration['ece_before'])} before, "
+    log(f"Calibration (T = {temperature_text(policy.temperature)}): ECE {_fmt(calibration['ece_before'])} before, "
         f"{_fmt(calibration['ece_after'])} after ({calibration['ece_bins']} bins)")
     if relaxed is not None:
         r = metrics["relaxed"]
         log(f"Relaxed (rho={relaxed_rho:g} px): precision {_fmt(r['precision'])}, recall {_fmt(r['recall'])}, "
             f"F1 {_fmt(r['f1'])}")
+    write_json(metrics, out_dir / "metrics.json")
     return metrics
 
 
@@ -253,14 +285,13 @@ def _fmt(value) -> str:
 
 
 def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], split: Optional[str],
-                        out_dir: Optional[Path], decision: Optional[str], threshold: Optional[float],
-                        relaxed_rho: Optional[float] = None, log=click.echo, worst: int = DEFAULT_WORST) -> dict:
+                        out_dir: Optional[Path], decision: Optional[str] = None, threshold: Optional[float] = None,
+                        relaxed_rho: Optional[float] = None, log=click.echo, worst: int = DEFAULT_WORST,
+                        tta: Optional[bool] = None) -> dict:
     """`segtrain eval`: metrics of a run's model on a labelled split (default: the run's data.val_split).
 
     Writes metrics.json, per_class.csv, per_image.csv (see the module docstring for the absent-class
     rule) and the plots, worst_images.png with the `worst` lowest-ranked images, into out_dir."""
-    from segtrain.atomic import write_json
-
     model_path, run_dir = resolve_checkpoint(checkpoint)
     config = run_config(run_dir)
     if split is None:
@@ -270,15 +301,11 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
     pairs = find_pairs(config.data.root, split)
     mapping = MaskMapping(config.data.mask, config.data.classes)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"eval_{split}"
-    metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, decision, threshold, relaxed_rho, log=log,
-                           worst=worst)
-    metrics["split"] = split
-    point = metrics.get("operating_point")
-    if point is not None and point.get("split") == split:
-        point["warning"] = (f"the operating point was tuned on {split!r}, the split scored here: these figures are "
-                            "optimistic; tune on another labelled split (or half of this one) to report honestly.")
-        log(f"warning: {point['warning']}")
+    metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, split, Overrides(decision, threshold, tta),
+                           relaxed_rho, log=log, worst=worst)
     metrics["data_root"] = str(config.data.root)
+    from segtrain.atomic import write_json
+
     write_json(metrics, out_dir / "metrics.json")
     log(f"Wrote {out_dir / 'metrics.json'}, per_class.csv, per_image.csv and plots.")
     return metrics

@@ -3,14 +3,13 @@
 The exported model takes raw images (uint8, or uint16 when the run was trained on 9- to 16-bit
 images, e.g. 12-bit microscopy, each scaled by its own range; any height and width, a batch of one size) and
 does inside what `segtrain predict` does around the `.keras` file: resize as in training
-(`data.resize`), reflect-pad to a multiple of 2**depth and crop back, flip test-time
-augmentation when the run's `predict.tta` is on, the run's temperature (calibration.json, unless
-`predict.calibrate: false`: the logits are divided by T inside the graph), softmax/sigmoid, the prior correction
-(`predict.prior_correction`) and the run's decision rule (argmax, threshold or least expected cost), with the tuned
-threshold or tau of operating_point.json when `segtrain tune` wrote one. Out come `labels` (int32, B x H x W, class
-indices) and `probabilities` (float32, B x H x W x K). Beside it, `metadata.json` says how
-to read them: class names, how a label maps back to a mask value or colour, the decision
-rule and costs, the temperature, input channels, the hash of the run's config.yaml and segtrain's version.
+(`data.resize`), pad to a multiple of 2**depth by the rule prediction uses (`segtrain.policy.padding`, any size
+down to 1 px) and crop back, flip test-time augmentation of the logits when the policy has it, then the run's
+decision policy (`segtrain.policy.policy.DecisionPolicy.tf_scores_and_labels`, resolved from policy.json and
+config.yaml exactly as eval and predict resolve it): temperature(s), prior correction, rule. Out come `labels`
+(int32, B x H x W, class indices) and `probabilities` (float32, B x H x W x K: q, what the rule reads). Beside it,
+`metadata.json` says how to read them: class names, how a label maps back to a mask value or colour, the policy,
+input channels, the hash of the run's config.yaml and segtrain's version.
 
 Not inside: the per-class post-processing (connected components have no TensorFlow op; metadata.json describes
 the settings for the consumer to apply) and tiling. `predict` cuts images larger than `predict.tile_size` into overlapping
@@ -54,39 +53,24 @@ def input_spec(sample_type: str) -> tuple[str, int]:
     raise ValueError(sample_type)
 
 
-def serving_module(model, config: Config, temperature: float = 1.0, input_type: str = "uint8", decision=None):
-    """A tf.Module whose `serve(images)` maps uint8 images (B, H, W, C) to labels and probabilities.
-
-    `temperature` divides the logits before softmax/sigmoid (each flip's, as `segtrain.inference` does);
-    1.0 adds no operation to the graph. `decision`, a `segtrain.predict.Predictor`, gives the rule, threshold,
-    costs and prior correction (tau, class weights) when a tuned operating point changes them; None: the
-    config's rule without correction."""
+def serving_module(model, config: Config, policy, input_type: str = "uint8"):
+    """A tf.Module whose `serve(images)` maps raw images (B, H, W, C) to labels and q, under `policy` (a
+    `segtrain.policy.policy.DecisionPolicy`; its post-processing is not in the graph)."""
     import tensorflow as tf
 
-    from segtrain.decision import decide_tf, decision_cost_matrix, probabilities_tf
-    from segtrain.operating_point import prior_adjust_tf
+    from segtrain.policy.padding import pad_to_multiple_tf
 
-    predict, divisor = config.predict, 2**config.model.depth
-    rule, threshold = (predict.decision, predict.threshold) if decision is None else (decision.decision,
-                                                                                      decision.threshold)
-    cost_matrix = decision_cost_matrix(config) if decision is None else decision.cost_matrix
-    tau, weights, bias = (0.0, None, None) if decision is None else (decision.tau, decision.class_weights,
-                                                                      decision.bias)
+    divisor = 2**config.model.depth
     channels = int(model.input_shape[-1])
     dtype, top = input_spec(input_type)
 
-    def probabilities(x):
-        logits = model(x, training=False)
-        if temperature != 1.0:
-            logits = tf.cast(logits, tf.float32) / tf.constant(float(temperature), tf.float32)
-        return probabilities_tf(logits)
-
-    def forward(x):
-        if not predict.tta:
-            return probabilities(x)
-        flips = [x, tf.reverse(x, [2]), tf.reverse(x, [1])]
-        outputs = [probabilities(f) for f in flips]
-        return (outputs[0] + tf.reverse(outputs[1], [2]) + tf.reverse(outputs[2], [1])) / 3.0
+    def logits_of(x):
+        z = tf.cast(model(x, training=False), tf.float32)
+        if not policy.tta:
+            return z
+        flips = tf.reverse(tf.cast(model(tf.reverse(x, [2]), training=False), tf.float32), [2])
+        flops = tf.reverse(tf.cast(model(tf.reverse(x, [1]), training=False), tf.float32), [1])
+        return (z + flips + flops) / 3.0
 
     class Serving(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], dtype, name="images")])
@@ -97,61 +81,49 @@ def serving_module(model, config: Config, temperature: float = 1.0, input_type: 
             height, width = tf.shape(x)[1], tf.shape(x)[2]
             if config.data.resize is not None:
                 x = tf.image.resize(x, config.data.resize, method="bilinear")
-            # non-negative operands only: ONNX's Mod of a negative number is not Python's
-            pad_h = (divisor - tf.shape(x)[1] % divisor) % divisor
-            pad_w = (divisor - tf.shape(x)[2] % divisor) % divisor
-            padded = tf.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]], mode="REFLECT")
-            # a pad by computed amounts forgets the channel count; TFLite's converter needs it (a reshape keeps it)
-            padded = tf.reshape(padded, tf.concat([tf.shape(padded)[:3], [channels]], axis=0))
-            probs = forward(padded)[:, : tf.shape(x)[1], : tf.shape(x)[2], :]
+            padded = pad_to_multiple_tf(x, divisor)
+            z = logits_of(padded)[:, : tf.shape(x)[1], : tf.shape(x)[2], :]
             if config.data.resize is not None:
-                probs = tf.image.resize(probs, tf.stack([height, width]), method="bilinear")
-            labels = decide_tf(prior_adjust_tf(probs, weights, tau, bias), rule, threshold, cost_matrix)
-            return {"labels": tf.cast(labels, tf.int32), "probabilities": tf.cast(probs, tf.float32)}
+                z = tf.image.resize(z, tf.stack([height, width]), method="bilinear")
+            scores, labels = policy.tf_scores_and_labels(z)
+            return {"labels": tf.cast(labels, tf.int32), "probabilities": tf.cast(scores, tf.float32)}
 
     module = Serving()
     module.model = model  # tracked, so its variables are saved with the module
     return module
 
 
-def export_metadata(config: Config, config_text: str, channels: int, temperature: float = 1.0,
-                    input_type: str = "uint8", decision=None) -> dict:
-    """What a consumer of the exported model needs besides the model itself (`decision`: as serving_module)."""
-    from segtrain.decision import decision_cost_matrix
-
+def export_metadata(config: Config, config_text: str, channels: int, policy, input_type: str = "uint8",
+                    resolved=None) -> dict:
+    """What a consumer of the exported model needs besides the model itself."""
     mapping = MaskMapping(config.data.mask, config.data.classes)
     encoded = mapping.encode(np.arange(len(config.data.classes)))
-    matrix = decision_cost_matrix(config) if decision is None else decision.cost_matrix
-    rule, threshold = (config.predict.decision, config.predict.threshold) if decision is None else (
-        decision.decision, decision.threshold)
-    tau = 0.0 if decision is None else decision.tau
-    postprocess = {} if decision is None else {config.data.classes[c]: {"min_size": n, "max_hole": m}
-                                               for c, (n, m) in decision.postprocess.items()}
-    point = None if decision is None or decision.operating_point is None else decision.operating_point.summary()
+    decision = policy.to_dict()
+    decision["applied"] = ("inside the model: logits / temperature, softmax (sigmoid for one channel), "
+                           "q = p w**-tau exp(bias) normalised, then the rule on q")
+    if resolved is not None:
+        decision["sources"] = list(resolved.sources)
+        decision["tuned"] = None if resolved.tuned is None else {
+            k: resolved.tuned.get(k) for k in ("split", "objective", "images", "pixels")}
+    postprocess = decision.pop("postprocess")
     return {
         "classes": list(config.data.classes),
         "labels_to_mask": {"kind": "palette" if mapping.rgb else "values", "values": encoded.tolist()},
-        "decision": {"rule": rule, "threshold": threshold,
-                     "cost_matrix": None if matrix is None else np.asarray(matrix).tolist(),
-                     "prior_correction": {"tau": tau, "class_weights": None if not tau else decision.class_weights,
-                                          "bias": None if decision is None else decision.bias,
-                                          "applied": "labels from q = p / w**tau * exp(bias) normalised, inside "
-                                                     "the model"},
-                     "operating_point": point},
-        "postprocess": {"settings": postprocess,
+        "decision": decision,
+        "postprocess": {"settings": {name: {"min_size": n, "max_hole": m} for name, (n, m) in postprocess.items()},
                         "applied": "NOT inside the model: remove connected components (8-connected) of a class "
-                                   "smaller than min_size pixels (they take the next most probable class) and fill "
-                                   "its holes (4-connected, not touching the border) smaller than max_hole pixels, "
-                                   "as segtrain.postprocess does" if postprocess else None},
+                                   "smaller than min_size pixels (they take the next most probable class by "
+                                   "`probabilities`) and fill its holes (4-connected, not touching the border) "
+                                   "smaller than max_hole pixels, class by class in index order, as "
+                                   "segtrain.policy.postprocess does; segtrain.load(export folder) applies it"
+                                   if postprocess else None},
         "input": {"channels": channels, "dtype": input_spec(input_type)[0], "max_value": input_spec(input_type)[1],
                   "sample_type": input_type, "layout": "B x H x W x C, raw pixel values",
                   "resize": config.data.resize, "pad_to_multiple_of": 2**config.model.depth},
-        "outputs": {"labels": "int32 B x H x W class indices",
-                    "probabilities": "float32 B x H x W x K, classes in the order of `classes`"},
-        "test_time_augmentation": bool(config.predict.tta),
-        "calibration": {"temperature": float(temperature),
-                        "applied": "probabilities = softmax(logits / temperature) (sigmoid for one channel), "
-                                   "inside the model"},
+        "outputs": {"labels": "int32 B x H x W class indices (before post-processing)",
+                    "probabilities": "float32 B x H x W x K, q: the probabilities the rule reads (calibrated and "
+                                     "prior-corrected), classes in the order of `classes`"},
+        "test_time_augmentation": bool(policy.tta),
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
         "segtrain_version": metadata.version("segtrain"),
     }
@@ -159,7 +131,7 @@ def export_metadata(config: Config, config_text: str, channels: int, temperature
 
 def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> Path:
     """Export a run folder (or a .keras file with config.yaml beside it) in `fmt`; returns the export folder."""
-    from segtrain.runs import load_model, resolve_checkpoint, run_config
+    from segtrain.runs import resolve_checkpoint, run_config
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}.")
@@ -168,22 +140,16 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
     out_dir = Path(out_dir) if out_dir else run_folder / "export" / fmt
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir}: the export folder exists and is not empty; pass another --out.")
-    from segtrain.calibration import load_temperature
+    from segtrain.policy.predictor import Predictor
 
-    from segtrain.operating_point import load_operating_point, run_class_weights
-    from segtrain.predict import Predictor
-
-    model = load_model(model_path)
-    temperature = load_temperature(model_path, config, log)
-    decision = Predictor(model, config, log=log, temperature=temperature,
-                         operating_point=load_operating_point(model_path, config, temperature, log),
-                         class_weights=run_class_weights(run_folder, len(config.data.classes)))
-    if decision.postprocess:
+    predictor = Predictor.load(model_path, config, log=log)
+    model, policy = predictor.model, predictor.policy
+    if policy.postprocess:
         log("note: the run's post-processing (" + ", ".join(f"{config.data.classes[c]} min_size {n} max_hole {m}"
-            for c, (n, m) in decision.postprocess.items()) + ") is not inside the exported model; metadata.json "
-            "describes it for the consumer to apply.")
+            for c, (n, m) in sorted(policy.postprocess.items())) + ") is not inside the exported model; "
+            "metadata.json describes it, and segtrain.load(export folder) applies it.")
     input_type = _input_type(run_folder)
-    module = serving_module(model, config, temperature, input_type, decision)
+    module = serving_module(model, config, policy, input_type)
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / MODEL_FILES["saved_model"]
     _save_saved_model(module, saved)
@@ -191,8 +157,8 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
         _saved_model_to_onnx(saved, out_dir / MODEL_FILES["onnx"])
     elif fmt == "tflite":
         _saved_model_to_tflite(saved, out_dir / MODEL_FILES["tflite"])
-    info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]), temperature,
-                           input_type, decision)
+    info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]), policy,
+                           input_type, predictor.resolved)
     info.update({"format": fmt, "model": MODEL_FILES[fmt], "source": str(model_path)})
     write_json(info, out_dir / "metadata.json")
     log(f"Exported {model_path} as {fmt} -> {out_dir / MODEL_FILES[fmt]} (+ metadata.json)")

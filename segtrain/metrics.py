@@ -26,7 +26,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from segtrain.decision import decide_tf, probabilities_tf
+from segtrain.policy.rules import decide_tf, probabilities_tf
 from segtrain.labels import IGNORE_INDEX
 
 
@@ -84,7 +84,7 @@ def labels_from_logits(logits):
 
     C == 1 is binary: class 1 where sigmoid(logit) >= 0.5, i.e. logit >= 0 up to float32
     rounding (a logit of exactly 0 is foreground). C >= 2: the argmax of the softmax (ties to the lowest index).
-    Computed in float32 (float16 logits welcome) through `segtrain.decision.probabilities_tf`
+    Computed in float32 (float16 logits welcome) through `segtrain.policy.rules.probabilities_tf`
     and `decide_tf`, the same functions as prediction and evaluation, so a pixel gets the
     same label in validation as from `predict` / `evaluate`.
     """
@@ -214,7 +214,7 @@ def metrics_from_confusion(cm, class_names, cost_matrix=None):
     support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
     per_class, ious, fw_iou = {}, [], 0.0
     for c, name in enumerate(class_names):
-        m = per_class[str(name)] = _class_metrics(int(tp[c]), int(predicted[c] - tp[c]), int(support[c] - tp[c]))
+        m = per_class[str(name)] = class_metrics(int(tp[c]), int(predicted[c] - tp[c]), int(support[c] - tp[c]))
         if m["iou"] is not None:
             ious.append(m["iou"])
             fw_iou += (support[c] / total) * m["iou"]
@@ -235,7 +235,7 @@ def metrics_from_confusion(cm, class_names, cost_matrix=None):
     return out
 
 
-def _class_metrics(tp, fp, fn):
+def class_metrics(tp, fp, fn):
     """The per-class entry of `metrics_from_confusion` from one class's counts."""
     return {
         "iou": _ratio(tp, tp + fp + fn),

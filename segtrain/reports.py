@@ -254,7 +254,7 @@ def plot_reliability(curves, path):
     entry (e.g. before and after calibration), the diagonal (perfect calibration) and the pixels per bin.
 
     Args:
-        curves: {label: curve}, each curve as `segtrain.calibration.ReliabilityBins.curve` gives it ("edges",
+        curves: {label: curve}, each curve as `segtrain.policy.calibration.ReliabilityBins.curve` gives it ("edges",
             "confidence", "accuracy", "count"; None in empty bins, which are not drawn).
         path: output PNG.
     """

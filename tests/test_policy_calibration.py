@@ -72,7 +72,7 @@ def test_temperature_one_leaves_probabilities_unchanged():
     import keras
     from keras import layers
 
-    from segtrain.inference import predict_probabilities
+    from segtrain.policy.inference import predict_probabilities
 
     z = np.random.default_rng(0).normal(size=(5, 3))
     reference = np.exp(z) / np.exp(z).sum(-1, keepdims=True)

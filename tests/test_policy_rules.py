@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from segtrain.decision import binary_threshold, decide, decide_tf, probabilities_tf  # noqa: E402
+from segtrain.policy.rules import binary_threshold, decide, decide_tf, probabilities_tf  # noqa: E402
 from segtrain.errors import ConfigError  # noqa: E402
 
 

@@ -6,7 +6,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from segtrain.postprocess import (component_sizes, fill_holes, hole_sizes, postprocess, remove_small,
+from segtrain.policy.postprocess import (component_sizes, fill_holes, hole_sizes, postprocess, remove_small,
                                   second_choice)
 
 EIGHT_STEPS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]

@@ -13,7 +13,7 @@ Rules, for one class c with settings (min_size N, max_hole M), applied in this o
 N = 0 or M = 0 turns a step off. Classes are processed in index order, each on the result of
 the ones before. Components and holes come from `scipy.ndimage.label`.
 
-`segtrain tune` chooses N and M per class on a labelled split (`segtrain.tuning`); `predict.min_size`
+`segtrain tune` chooses N and M per class on a labelled split (`segtrain.policy.tuning`); `predict.min_size`
 / `predict.max_hole` set them by hand. Post-processing runs on whole images after the decision rule
 (`segtrain.predict.Predictor.labels`); it is not inside an exported model (`segtrain.export` says so
 in metadata.json).

@@ -16,7 +16,7 @@ the lowest class index (arg-max / arg-min order).
 Logits become probabilities by `probabilities_tf` (sigmoid -> [1 - p, p] for one channel,
 softmax otherwise, in float32) and probabilities labels by `decide` / `decide_tf`:
 validation (`segtrain.metrics.labels_from_logits`), tiled prediction
-(`segtrain.inference`), evaluation and predict all go through them, so they label every
+(`segtrain.policy.inference`), evaluation and predict all go through them, so they label every
 pixel alike. (In float32 a logit within about 6e-8 below 0 also has sigmoid exactly 0.5 and is
 foreground: the rule is on the probability.)
 

@@ -1,4 +1,4 @@
-"""Tests for segtrain.inference: tile layout, windows, and tiled prediction vs whole-image passes."""
+"""Tests for segtrain.policy.inference: tile layout, windows, and tiled prediction vs whole-image passes."""
 
 import os
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from segtrain.inference import WINDOW_FLOOR, make_window, predict_probabilities, tile_positions
+from segtrain.policy.inference import WINDOW_FLOOR, make_window, predict_probabilities, tile_positions
 
 DIVISOR = 4  # the tiny U-Net below pools twice
 
@@ -268,7 +268,7 @@ def test_bad_arguments_raise(kwargs, match):
 def test_zero_logit_is_foreground_in_prediction_as_in_validation():
     # An identity "model": the image is the logit map. A logit of exactly 0 must be labelled
     # the same by prediction (probabilities -> decide) as by validation (labels_from_logits).
-    from segtrain.decision import decide
+    from segtrain.policy.rules import decide
     from segtrain.metrics import labels_from_logits
 
     inp = keras.Input((None, None, 1))

@@ -9,7 +9,7 @@ import pytest
 
 from segtrain.metrics import ProbabilityHistogram, metrics_from_confusion
 from segtrain.operating_point import equivalent_threshold, prior_adjust
-from segtrain.postprocess import postprocess
+from segtrain.policy.postprocess import postprocess
 from segtrain.tuning import (SIZE_GRID, TAU_GRID, PostprocessSearch, TauSearch, best_index, confusion,
                              default_objective, objective_values, threshold_search)
 
