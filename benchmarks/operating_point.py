@@ -48,13 +48,13 @@ def evaluate(run_dir: Path, data_root: Path, split: str = "val_b", tuned: bool =
     config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, tuned=tuned))
     pairs = find_pairs(str(data_root), split)
     return evaluate_run(run_dir / "best.keras", config, pairs, MaskMapping(config.data.mask, config.data.classes),
-                        run_dir / f"eval_{split}", log=QUIET, worst=0)
+                        run_dir / f"eval_{split}", split, log=QUIET, worst=0)
 
 
 def row(name: str, metrics: dict, costs) -> dict:
     import numpy as np
 
-    from segtrain.tuning import objective_values
+    from segtrain.policy.tuning import objective_values
 
     fg = list(metrics["per_class"].values())[1]
     cm = np.asarray(metrics["confusion_matrix"])
@@ -83,7 +83,7 @@ def main() -> None:
 
     from segtrain.config import load_config
     from segtrain.policy.rules import decision_cost_matrix
-    from segtrain.tuning import tune_run
+    from segtrain.policy.tuning import tune_run
 
     print(machine_line(), flush=True)
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_operating_point_")
@@ -114,7 +114,7 @@ def main() -> None:
         print("tiny: a few steps, figures mean nothing" if args.tiny else
               f"{steps} steps; best.keras picked, temperature fitted and operating points tuned on val_a; "
               "every figure on val_b, whole images")
-        print(f"calibration on val_b: T = {calibration['temperature']:.4f}, ECE {fmt(calibration['ece_before'], 4)} "
+        print(f"calibration on val_b: T = {calibration['temperature']}, ECE {fmt(calibration['ece_before'], 4)} "
               f"before -> {fmt(calibration['ece_after'], 4)} after ({calibration['ece_bins']} bins)")
         print(f"costs: {costs.tolist()}")
         print(table(rows))

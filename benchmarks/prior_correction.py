@@ -8,10 +8,13 @@ is only reported on. Rows, all on val_b, whole images:
 - median_frequency: weighted training, arg-max;
 - + weights: arg-max of p / w (tau = 1, nothing tuned);
 - + tuned: arg-max of p / w**tau * exp(b), tau and one bias per class tuned on val_a for mean IoU
-  (`segtrain tune --split val_a --no-postprocess`);
-- + tuned + post-processing: the same tune also choosing per-class min_size / max_hole.
-Prints mean IoU, pixel accuracy, the count of classes at IoU 0 and every class's IoU as a Markdown table.
-One seed: differences of a point or two are within seed noise.
+  (`segtrain tune --split val_a --no-postprocess`), written only when it beat the untuned rule on held-out folds
+  of val_a;
+- + tuned + post-processing: the same tune also choosing per-class min_size / max_hole;
+- none + tuned: the unweighted model with the same tune (class biases only: its weights are all 1).
+Then, for both models, one temperature against per-class temperatures, both fitted on val_a's logits and scored on
+val_b's: NLL, ECE, and the arg-max's mean IoU and pixel accuracy (per-class temperatures change the arg-max).
+Prints Markdown tables. One seed: differences of a point or two are within seed noise.
 
     python benchmarks/prior_correction.py --steps 480
     python benchmarks/prior_correction.py --tiny        # seconds-long smoke run on synthetic data
@@ -62,8 +65,8 @@ TINY_OVERRIDES = ["data.classes=[background, stripe, square]", "data.mask.values
 
 
 def evaluate(run_dir: Path, data_root: Path, correction: str, split: str = "val_b") -> dict:
-    """Metrics of run_dir/best.keras on `split` with predict.prior_correction = `correction`; the run's
-    operating_point.json (tau, biases, post-processing) only for "tuned"."""
+    """Metrics of run_dir/best.keras on `split` with predict.prior_correction = `correction`; the run's tuned point
+    (tau, biases, post-processing in policy.json) only for "tuned"."""
     from segtrain.data.discovery import find_pairs
     from segtrain.data.masks import MaskMapping
     from segtrain.evaluation import evaluate_run
@@ -74,7 +77,54 @@ def evaluate(run_dir: Path, data_root: Path, correction: str, split: str = "val_
                                                                      tuned=correction == "tuned"))
     pairs = find_pairs(str(data_root), split)
     return evaluate_run(run_dir / "best.keras", config, pairs, MaskMapping(config.data.mask, config.data.classes),
-                        run_dir / f"eval_{split}_{correction}", log=QUIET, worst=0)
+                        run_dir / f"eval_{split}_{correction}", split, log=QUIET, worst=0)
+
+
+def temperatures(run_dir: Path, data_root: Path) -> list[dict]:
+    """One T and per-class T fitted on val_a's logits, each scored on val_b's: NLL, ECE, arg-max mean IoU and pixel
+    accuracy (T = 1 too)."""
+    import numpy as np
+
+    from segtrain.data.discovery import find_pairs
+    from segtrain.data.masks import MaskMapping
+    from segtrain.metrics import metrics_from_confusion
+    from segtrain.policy.calibration import PixelSample, expected_calibration_error
+    from segtrain.policy.predictor import Predictor, SplitLogits
+    from segtrain.policy.rules import decide
+    from segtrain.policy.temperature import (apply_temperature, fit_class_temperatures, fit_temperature,
+                                             negative_log_likelihood)
+    from segtrain.policy.tuning import confusion
+    from segtrain.runs import run_config
+
+    config = run_config(run_dir)
+    mapping = MaskMapping(config.data.mask, config.data.classes)
+    predictor = Predictor.load(run_dir / "best.keras", config, log=QUIET, use_calibration=False, use_tuned=False)
+    fit = PixelSample()
+    for _, _, truth, logits in SplitLogits(predictor, find_pairs(str(data_root), "val_a"), mapping):
+        fit.add(logits, truth)
+    scalar = fit_temperature(fit.logits, fit.labels)
+    vector = fit_class_temperatures(fit.logits, fit.labels)
+    k = len(config.data.classes)
+    rows = []
+    scored = SplitLogits(predictor, find_pairs(str(data_root), "val_b"), mapping)
+    for name, t in (("T = 1", 1.0), (f"one T ({scalar:.3f})", scalar),
+                    ("per-class T (" + ", ".join(f"{v:.2f}" for v in vector) + ")", vector)):
+        sample, cm = PixelSample(), np.zeros((k, k), np.int64)
+        for _, _, truth, logits in scored:
+            sample.add(logits, truth)
+            cm += confusion(truth, decide(apply_temperature(logits, t)), k)
+        m = metrics_from_confusion(cm, config.data.classes)
+        rows.append({"row": name, "nll": negative_log_likelihood(sample.logits, sample.labels, t),
+                     "ece": expected_calibration_error(apply_temperature(sample.logits, t), sample.labels),
+                     "mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"]})
+    return rows
+
+
+def temperature_table(rows: list[dict]) -> str:
+    lines = ["| temperature (fitted on val_a) | NLL | ECE | mean IoU (arg-max) | pixel acc. |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['row']} | {fmt(r['nll'])} | {fmt(r['ece'])} | {fmt(r['mean_iou'])} | {fmt(r['pixel_accuracy'])} |"
+              for r in rows]
+    return "\n".join(lines)
 
 
 def row(name: str, metrics: dict) -> dict:
@@ -82,7 +132,7 @@ def row(name: str, metrics: dict) -> dict:
     return {"row": name, "mean_iou": metrics["mean_iou"], "pixel_accuracy": metrics["pixel_accuracy"],
             "zero_iou": sum(1 for v in ious.values() if v is not None and v == 0.0),
             "never_predicted": metrics.get("never_predicted", []), "iou": ious,
-            "tau": metrics["decision"]["prior_correction_tau"]}
+            "tau": metrics["decision"]["prior_correction"]["tau"]}
 
 
 def table(rows: list[dict]) -> str:
@@ -106,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from segtrain.config import load_config
-    from segtrain.tuning import tune_run
+    from segtrain.policy.tuning import tune_run
 
     print(machine_line(), flush=True)
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_prior_")
@@ -127,28 +177,34 @@ def main() -> None:
             set_budget(config, steps, epochs=1 if args.tiny else 8, validations=1 if args.tiny else 4)
             metrics = timed_run_fit(config, runs[weights])
             print(f"{weights}: {steps} steps in {metrics['train_seconds'] / 60:.2f} min", flush=True)
-        weighted = runs["median_frequency"]
-        rows = [row("none", evaluate(runs["none"], data_root, "none")),
+        weighted, unweighted = runs["median_frequency"], runs["none"]
+        rows = [row("none", evaluate(unweighted, data_root, "none")),
                 row("median_frequency", evaluate(weighted, data_root, "none")),
                 row("median_frequency + weights (tau 1)", evaluate(weighted, data_root, "weights"))]
-        tune_run(str(weighted), "val_a", "iou", postprocess=False, log=QUIET)
-        rows.append(row("median_frequency + tuned (tau, class biases)", evaluate(weighted, data_root, "tuned")))
-        tune_run(str(weighted), "val_a", "iou", postprocess=True, log=QUIET)
-        rows.append(row("median_frequency + tuned + post-processing", evaluate(weighted, data_root, "tuned")))
-        point = json.loads((weighted / "operating_point.json").read_text())
-        (out / "results.json").write_text(json.dumps({"rows": rows, "operating_point": point}, indent=2))
+        tuned = {}
+        for name, run, post in (("median_frequency + tuned (tau, class biases)", weighted, False),
+                                ("median_frequency + tuned + post-processing", weighted, True),
+                                ("none + tuned (class biases)", unweighted, False)):
+            tuned[name] = tune_run(str(run), "val_a", "iou", postprocess=post, log=QUIET)
+            rows.append(row(name + ("" if tuned[name]["written"] else " (nothing written)"),
+                            evaluate(run, data_root, "tuned")))
+        calibration = {name: temperatures(run, data_root) for name, run in (("none", unweighted),
+                                                                           ("median_frequency", weighted))}
+        (out / "results.json").write_text(json.dumps({"rows": rows, "tuned": tuned, "temperatures": calibration},
+                                                     indent=2, default=str))
         print()
         print("tiny: a few steps per run, figures mean nothing" if args.tiny else
-              f"{steps} steps per run; best.keras picked, temperature fitted and tau tuned on val_a; "
+              f"{steps} steps per run; best.keras picked, temperature fitted and the decision tuned on val_a; "
               "every row scored on val_b, whole images")
         print(table(rows))
-        print(f"chosen on val_a: tau {point['tau']}, class biases {point['bias']}, post-processing {point['postprocess']}")
-        base = max(rows[0]["mean_iou"], rows[1]["mean_iou"])
-        best = rows[3]
-        verdict = "beats" if best["mean_iou"] > base else "does NOT beat"
-        print(f"tuned (tau {best['tau']}, class biases): mean IoU {fmt(best['mean_iou'])} {verdict} both uncorrected rows "
-              f"(best {fmt(base)}); pixel accuracy {fmt(best['pixel_accuracy'])} vs "
-              f"{fmt(rows[0]['pixel_accuracy'])} (none) and {fmt(rows[1]['pixel_accuracy'])} (median_frequency)")
+        for name, record in tuned.items():
+            estimate = record.get("estimate") or {}
+            print(f"{name}: level {record['level']}, tau {record.get('tau')}, biases {record.get('bias')}, "
+                  f"post-processing {record.get('postprocess')}; held-out estimate on val_a: untuned "
+                  f"{fmt(estimate.get('before'))}, levels {estimate.get('levels')}")
+        for name, rows_t in calibration.items():
+            print(f"\n{name}: one temperature against per-class temperatures (fitted on val_a, scored on val_b)")
+            print(temperature_table(rows_t))
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -44,11 +44,16 @@ def cli():
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<config name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
-def fit(config_path, overrides, out, resume, overwrite):
+@click.option("--budget", metavar="DURATION",
+              help="Train for this wall-clock time instead of train.epochs, e.g. 20m, 1h30m, 90s (same as "
+                   "--set train.budget=DURATION): the step time is measured first and the steps planned to fit.")
+def fit(config_path, overrides, out, resume, overwrite, budget):
     """Train a model from CONFIG and write a run folder."""
     _import_tensorflow_quietly()
     from segtrain.api import fit as fit_run
 
+    if budget is not None:
+        overrides = [*overrides, f"train.budget={budget}"]
     result = fit_run(config_path, overrides, out, resume=resume, overwrite=overwrite, log=click.echo)
     mean_iou = result.metrics.get("mean_iou")
     shown = "n/a" if mean_iou is None else f"{mean_iou:.4f}"
@@ -66,16 +71,17 @@ def fit(config_path, overrides, out, resume, overwrite):
               help="Foreground probability threshold (two classes); implies --decision threshold.")
 @click.option("--relaxed", "relaxed_rho", type=click.FloatRange(min=0), metavar="RHO",
               help="Also report relaxed precision/recall: a hit within RHO pixels counts (thin structures).")
+@click.option("--tta/--no-tta", default=None, help="Average over flips (default: the config's predict.tta).")
 @click.option("--worst", type=click.IntRange(min=0), default=6, show_default=True, metavar="K",
               help="Rows of worst_images.png: the K images of lowest mean foreground IoU (0: no gallery).")
-def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed_rho, worst):
+def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed_rho, tta, worst):
     """Per-class and per-image metrics of a trained model on a labelled split."""
     _import_tensorflow_quietly()
     from segtrain.evaluation import evaluate_checkpoint
 
     decision = _decision_from_options(decision, threshold)
     evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold, relaxed_rho,
-                        worst=worst)
+                        worst=worst, tta=tta)
 
 
 @cli.command(short_help="Write one mask per image.")
@@ -143,12 +149,14 @@ def export(run, fmt, out):
 @cli.command(short_help="Fit the run's temperature (calibration) on a labelled split.")
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--split", help="Labelled split to fit on (default: the run's data.val_split).")
-def calibrate(run, split):
-    """Fit temperature scaling for RUN's model on a labelled split and write RUN/calibration.json."""
+@click.option("--data", "data_root", type=click.Path(file_okay=False), help="Data set root (default: the run's data.root).")
+def calibrate(run, split, data_root):
+    """Fit temperature scaling (one T, or one per class where that helps on held-out images) for RUN's model on a
+    labelled split and store it in RUN/policy.json."""
     _import_tensorflow_quietly()
-    from segtrain.calibration import calibrate_run
+    from segtrain.policy.calibrate import calibrate_run
 
-    calibrate_run(run, split, log=click.echo)
+    calibrate_run(run, split, data_root, log=click.echo)
 
 
 @cli.command(short_help="Tune the decision (threshold or prior correction, post-processing) on a labelled split.")
@@ -159,14 +167,61 @@ def calibrate(run, split):
                    "(default: cost when the run has costs, else f1 for two classes, iou for several).")
 @click.option("--postprocess/--no-postprocess", default=True, show_default=True,
               help="Also choose per-class post-processing (remove small components, fill small holes).")
-def tune(run, split, objective, postprocess):
-    """Choose RUN's operating point on a labelled split and write RUN/operating_point.json, which eval and predict
-    then apply: the threshold (two classes) or, with predict.prior_correction: tuned, the prior-correction tau (and
-    with several classes one bias per class), and per class the post-processing."""
+@click.option("--data", "data_root", type=click.Path(file_okay=False), help="Data set root (default: the run's data.root).")
+def tune(run, split, objective, postprocess, data_root):
+    """Choose RUN's operating point on a labelled split, check it on held-out images of that split, and store it in
+    RUN/policy.json when it beats the untuned rule there: the threshold (two classes) or, with
+    predict.prior_correction: tuned, the prior-correction tau (and with several classes one bias per class), and
+    per class the post-processing. eval, predict and export then apply it."""
     _import_tensorflow_quietly()
-    from segtrain.tuning import tune_run
+    from segtrain.policy.tuning import tune_run
 
-    tune_run(run, split, objective, postprocess, log=click.echo)
+    tune_run(run, split, objective, postprocess, data_root, log=click.echo)
+
+
+@cli.command(short_help="Plan a config from the data set itself.")
+@click.argument("data_root", metavar="DATA_ROOT", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False, allow_dash=True), metavar="CONFIG",
+              help="Config file to write; never replaced (default: configs/<DATA_ROOT's folder name>.yaml under the "
+                   "working directory; - prints it).")
+@click.option("--budget", default="20m", show_default=True, metavar="DURATION",
+              help="Training time to plan for: 20m, 1h30m, 90s (a bare number is minutes).")
+@click.option("--ignore", "ignore", multiple=True, metavar="VALUE",
+              help="A raw mask value (or an R,G,B colour) that counts in no loss and no metric, e.g. 255 (repeatable).")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), help="Device to plan for (default: gpu when one is visible).")
+@click.option("--memory", metavar="SIZE",
+              help="Memory training may use, e.g. 16GB (default: on the CPU 25% of the RAM, at most 8GB; on a GPU "
+                   "its memory).")
+def plan(data_root, out, budget, ignore, device, memory):
+    """Read the data set at DATA_ROOT once and write a config whose every value comes with the fact it follows from."""
+    from segtrain.errors import ConfigError
+    from segtrain.planning.fingerprint import fingerprint
+    from segtrain.planning.plan import make_plan
+    from segtrain.planning.units import parse_budget, parse_ignore, parse_memory
+    from segtrain.planning.writer import render, write_plan
+
+    def parsed(parse, text, option):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
+
+    seconds = parsed(parse_budget, budget, "--budget")
+    memory_bytes = None if memory is None else parsed(parse_memory, memory, "--memory")
+    ignored = [parsed(parse_ignore, value, "--ignore") for value in ignore]
+    path = None if out == "-" else Path(out) if out else Path("configs") / f"{Path(data_root).resolve().name}.yaml"
+    if path is not None and path.exists():
+        raise ConfigError(f"{path}: already exists; `segtrain plan` never replaces a config. Pass another --out "
+                          "(or --out - to print it), or move the file away.")
+    result = make_plan(fingerprint(Path(data_root), ignore=ignored), device, memory_bytes, seconds)
+    if path is None:
+        click.echo(render(result), nl=False)
+        return
+    write_plan(result, path)
+    fp = result.fingerprint
+    click.echo(f"Wrote {path}: planned from {fp.pairs} pairs in {fp.seconds:.1f} s. Train it: segtrain fit {path}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
 
 
 def _decision_from_options(decision, threshold):

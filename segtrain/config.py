@@ -24,101 +24,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
 from segtrain.class_weights import STRATEGIES
 from segtrain.errors import ConfigError
-
-# ---------------------------------------------------------------------------- value types
-
-
-@dataclass(frozen=True)
-class Bound:
-    """`Annotated[float, Bound(">=", 0.0)]`: a finite number with `value >= 0.0` (op is ">=", ">" or "<")."""
-
-    op: str
-    limit: float
-
-    def check(self, value: float, path: str) -> None:
-        if not math.isfinite(value):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}.")
-        if not {">=": value >= self.limit, ">": value > self.limit, "<": value < self.limit}[self.op]:
-            raise ConfigError(f"{path}: must be {self.op} {self.limit}, got {value!r}.")
-
-
-@dataclass(frozen=True)
-class ByClass:
-    """`Annotated[T, ByClass(resolve, description)]`: a setting about classes, checked against data.classes.
-
-    `resolve(value, path, classes)` returns the value as stored (a mapping by class name as a list of K).
-    """
-
-    resolve: Callable[[Any, str, list], Any]
-    description: str
-
-
-def _class_index(name: Any, path: str, classes: list) -> int:
-    if name not in classes:
-        raise ConfigError(f"{path}: unknown class {name!r}; valid classes: {', '.join(classes)}.")
-    return classes.index(name)
-
-
-def _class_names(value: Any, path: str, classes: list) -> list:
-    """A class name or a list of them -> the list, each once."""
-    names = [value] if isinstance(value, str) else value
-    for i, name in enumerate(names):
-        _class_index(name, f"{path}[{i}]", classes)
-    return list(dict.fromkeys(names))
-
-
-def _per_class(value: Any, path: str, classes: list) -> list:
-    """K numbers, or {class name: number} (1.0 for the classes it leaves out) -> a list of K."""
-    if isinstance(value, dict):
-        out = [1.0] * len(classes)
-        for name, number in value.items():
-            out[_class_index(name, f"{path}.{name}", classes)] = number
-        return out
-    if len(value) != len(classes):
-        raise ConfigError(f"{path}: expected {len(classes)} values, one per class ({', '.join(classes)}), "
-                          f"got {len(value)}.")
-    return list(value)
-
-
-def _class_sizes(value: Any, path: str, classes: list) -> dict:
-    """{class name: pixels} with known names and whole numbers."""
-    for name, number in value.items():
-        _class_index(name, f"{path}.{name}", classes)
-        if float(number) != int(number):
-            raise ConfigError(f"{path}.{name}: expected a whole number of pixels, got {number!r}.")
-    return {str(name): int(number) for name, number in value.items()}
-
-
-def _cost_matrix(value: Any, path: str, classes: list) -> list:
-    k = len(classes)
-    if len(value) != k or any(len(row) != k for row in value):
-        raise ConfigError(f"{path}: expected a {k} x {k} list of rows C[true][pred] (classes {', '.join(classes)}).")
-    for i in range(k):
-        if value[i][i] != 0:
-            raise ConfigError(f"{path}[{i}][{i}]: the diagonal must be 0 (a correct prediction costs nothing), "
-                              f"got {value[i][i]!r}.")
-    return value
-
-
-NonNegative = Annotated[float, Bound(">=", 0.0)]
-Positive = Annotated[float, Bound(">", 0.0)]
-Fraction = Annotated[float, Bound(">=", 0.0), Bound("<", 1.0)]
-"""A number in [0, 1)."""
-PerClass = Annotated[Union[list[NonNegative], dict[str, NonNegative]],
-                     ByClass(_per_class, "a list of numbers, one per class, or a mapping class -> number")]
-"""Non-negative numbers per class: a list of K, or {class name: number} (classes left out: 1)."""
-ClassSizes = Annotated[dict[str, NonNegative], ByClass(lambda v, p, c: _class_sizes(v, p, c),
-                                                          "a mapping class -> pixels")]
-"""{class name: a number of pixels} (whole numbers)."""
-CostMatrix = Annotated[list[list[NonNegative]], ByClass(_cost_matrix, "a K x K list of rows C[true][pred]")]
-"""K x K costs C[true][pred] with a zero diagonal."""
-ClassNames = Annotated[Union[list[str], str], ByClass(_class_names, "a class name or a list of class names")]
+from segtrain.value_types import (Bound, ByClass, ClassNames, ClassSizes, CostMatrix, Fraction,  # noqa: F401
+                                  NonNegative, PerClass, Positive, class_index, parse_number)
 
 
 @dataclass
@@ -293,8 +206,14 @@ class TrainConfig:
     """The training loop."""
 
     epochs: int = 20
+    """Epochs to train (not used with `budget`, whose plan sets them)."""
     steps_per_epoch: Optional[int] = None
-    """Optimizer steps per epoch; null = ceil(training images / batch_size)."""
+    """Optimizer steps per epoch; null = ceil(training images / batch_size) (with `budget`: chosen by the plan)."""
+    budget: Any = None
+    """Train for this wall-clock time instead of `epochs`: a duration such as 20m, 1h30m, 90s or 1.5h, or a number
+    of minutes (stored as e.g. 1h30m). The step time is measured first and the steps, epochs and learning-rate
+    schedule are planned to end within it (`segtrain.engine.budget`; the plan is budget.json in the run folder).
+    null: train `epochs` epochs."""
     seed: int = 0
     learning_rate: float = 1e-3
     schedule: Literal["cosine", "constant", "plateau"] = "cosine"
@@ -329,6 +248,13 @@ class TrainConfig:
     """Compile the train and validation steps with XLA. auto: on a CUDA GPU with one replica and deterministic off;
     off on the CPU (no gain measured there) and where XLA fails (several replicas, deterministic ops)."""
 
+    @property
+    def budget_seconds(self) -> Optional[float]:
+        """`budget` in seconds (None without a budget)."""
+        from segtrain.engine.budget import parse_duration
+
+        return None if self.budget is None else parse_duration(self.budget)
+
 
 @dataclass
 class PredictConfig:
@@ -337,9 +263,10 @@ class PredictConfig:
     decision: Literal["argmax", "cost", "threshold"] = "argmax"
     """argmax; cost: least expected cost under the loss's cost matrix; threshold: binary only."""
     threshold: Optional[float] = None
-    """Foreground probability threshold for decision=threshold."""
+    """Foreground threshold on q (the calibrated, prior-corrected probability the rule reads) for decision=threshold."""
     tile_size: Optional[int] = None
-    """Tile side for large images; null: 2 x data.crop (or 512)."""
+    """Tile side for images larger than one tile; null: whole images up to 2048 x 2048 pixels in one call, tiles of
+    1024 beyond (`segtrain.policy.inference`)."""
     overlap: float = 0.25
     tta: bool = False
     """Average over flips at test time."""
@@ -350,19 +277,19 @@ class PredictConfig:
     fn_cost: Optional[PerClass] = None
     cost_matrix: Optional[CostMatrix] = None
     """Full K x K decision cost matrix C[true][pred]; overrides fp_cost/fn_cost. Without any of the three,
-    decision=cost uses the cost_sensitive loss term's matrix (segtrain.decision.decision_cost_matrix)."""
+    decision=cost uses the cost_sensitive loss term's matrix (segtrain.policy.rules.decision_cost_matrix)."""
     calibrate: bool = True
-    """Use the run's calibration.json (temperature scaling, fitted by `fit` and `segtrain calibrate`) wherever
+    """Use the temperature in the run's policy.json (fitted by `fit` and `segtrain calibrate`) wherever
     probabilities become decisions or are written out; false: the model's own probabilities."""
     prior_correction: Literal["none", "weights", "tuned"] = "none"
-    """Undo the training class weights before deciding, q = p / w**tau normalised (`segtrain.operating_point`):
+    """Undo the training class weights before deciding, q = p / w**tau normalised (`segtrain.policy.prior`):
     none (tau 0), weights (tau 1), tuned (tau chosen by `segtrain tune` on a labelled split)."""
     tuned: bool = True
-    """Apply the run's operating_point.json (written by `segtrain tune`: threshold, tau, post-processing) when
-    present; false: the config's settings only."""
+    """Apply the tuned operating point in the run's policy.json (written by `segtrain tune`: threshold, tau, class
+    biases, post-processing) when present and chosen under the current settings; false: the config's settings only."""
     min_size: Optional[ClassSizes] = None
     """Post-processing, {class: N}: remove connected components of the class smaller than N pixels
-    (`segtrain.postprocess`); `segtrain tune` chooses it per class. null: off until tuned."""
+    (`segtrain.policy.postprocess`); `segtrain tune` chooses it per class. null: off until tuned."""
     max_hole: Optional[ClassSizes] = None
     """Post-processing, {class: M}: fill holes of the class smaller than M pixels. null: off until tuned."""
 
@@ -567,23 +494,6 @@ def _did_you_mean(word: Any, choices, listing: Optional[str] = None) -> str:
     if close:
         return f" Did you mean '{close[0]}'?"
     return f" {listing}: {', '.join(choices)}." if listing else ""
-
-
-_EXPONENT_FORM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def parse_number(value: Any) -> Optional[float]:
-    """A config number as float, or None when `value` is not one.
-
-    The one rule for every section: ints and floats (not booleans), and strings in exponent
-    form such as `1e-5` or `1E3`, which PyYAML (YAML 1.1) reads as strings because they lack a
-    dot. Other strings, quoted numbers included, are not numbers.
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and _EXPONENT_FORM.fullmatch(value.strip()):
-        return float(value)
-    return None
 
 
 def _type_name(tp) -> str:
@@ -904,7 +814,7 @@ def _check_augment(augment: AugmentConfig) -> None:
 def _check_sampling(data: DataConfig) -> None:
     """data.sampling: known classes, shares in [0, 1] summing to <= 1, and a crop to centre."""
     for name, share in data.sampling.items():
-        _class_index(name, f"data.sampling.{name}", data.classes)
+        class_index(name, f"data.sampling.{name}", data.classes)
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"data.sampling.{name}: a share of the training crops must be in [0, 1], got {share!r}.")
     total = sum(data.sampling.values())
@@ -933,6 +843,10 @@ def _check_train(config: Config) -> None:
     train = config.train
     if train.epochs < 1:
         raise ConfigError("train.epochs: must be at least 1.")
+    if train.budget is not None:
+        from segtrain.value_types import format_duration, parse_duration
+
+        train.budget = format_duration(parse_duration(train.budget, "train.budget"))  # one spelling: 1h30m
     if train.steps_per_execution != "auto" and train.steps_per_execution < 1:
         raise ConfigError("train.steps_per_execution: must be at least 1 (or auto).")
     if train.jit_compile is True and train.deterministic:

@@ -65,10 +65,3 @@ def write_scalars(writer, row: dict, epoch: int) -> None:
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 tf.summary.write(key, tf.constant(float(value)), step=epoch, metadata=metadata.SerializeToString())
     writer.flush()
-
-
-def plot_history_png(rows: list[dict], path: Path) -> None:
-    """history.png (see `segtrain.reports.plot_history`); reports, and with it matplotlib, load on first use."""
-    from segtrain.reports import plot_history
-
-    plot_history(rows, path)

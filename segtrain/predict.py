@@ -18,6 +18,7 @@ from segtrain.data.masks import MaskMapping
 from segtrain.errors import DataError
 from segtrain.policy.predictor import Predictor
 from segtrain.policy.store import Overrides
+from segtrain.reports import overlay as overlay_image
 from segtrain.runs import resolve_checkpoint, run_config
 
 
@@ -106,18 +107,4 @@ def _predict_one(predictor: Predictor, mapping: MaskMapping, path: Path, out_dir
                 continue
             write_png_atomic(np.round(probs[..., cls] * 255).astype(np.uint8), out_dir / f"{path.stem}_prob_{name}.png")
     if overlay:
-        write_png_atomic(_overlay(image, labels, len(classes)), out_dir / f"{path.stem}_overlay.png")
-
-
-_COLOURS = np.array([[0, 0, 0], [255, 40, 40], [40, 200, 255], [255, 220, 0], [160, 80, 255],
-                     [0, 220, 120], [255, 120, 200], [255, 150, 40]], dtype=np.float32)
-
-
-def _overlay(image: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """The image (its first three bands, or its first band in gray) with non-background classes tinted in distinct
-    colours."""
-    rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)  # multispectral: bands 1-3
-    colours = _COLOURS[np.arange(num_classes) % len(_COLOURS)]
-    tint = colours[labels]
-    alpha = np.where(labels[..., None] > 0, 0.5, 0.0)
-    return np.clip(rgb * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8)
+        write_png_atomic(overlay_image(image, labels, len(classes)), out_dir / f"{path.stem}_overlay.png")

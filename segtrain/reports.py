@@ -163,7 +163,6 @@ def plot_worst_images(entries, class_names, path):
         path: output PNG. Its height grows with the number of rows (3 inches, 300 pixels, a row).
     """
     from segtrain.labels import IGNORE_INDEX
-    from segtrain.predict import _overlay
 
     if not entries:
         raise ValueError("no images to draw")
@@ -173,12 +172,12 @@ def plot_worst_images(entries, class_names, path):
         rgb = _display_rgb(entry["image"])
         truth = np.asarray(entry["truth"])
         ignored = truth == IGNORE_INDEX
-        truth_panel = _overlay(rgb, np.where(ignored, 0, truth), k)
+        truth_panel = overlay(rgb, np.where(ignored, 0, truth), k)
         truth_panel[ignored] = (truth_panel[ignored] * 0.5 + 64).astype(np.uint8)
         score = entry["score"]
         shown = "no foreground" if score is None else f"fg IoU {score:.3f}"
         panels = ((rgb, f"{row + 1}. {entry['image_name']}"), (truth_panel, "truth"),
-                  (_overlay(rgb, np.asarray(entry["labels"]), k), f"prediction ({shown})"))
+                  (overlay(rgb, np.asarray(entry["labels"]), k), f"prediction ({shown})"))
         for col, (picture, title) in enumerate(panels):
             ax = fig.add_subplot(len(entries), 3, 3 * row + col + 1)
             ax.imshow(picture, interpolation="nearest")
@@ -355,3 +354,17 @@ def _is_loss(column):
         return lower_is_better(column)
     except ValueError:  # not a column segtrain writes: plotted with the metrics
         return False
+
+
+_COLOURS = np.array([[0, 0, 0], [255, 40, 40], [40, 200, 255], [255, 220, 0], [160, 80, 255],
+                     [0, 220, 120], [255, 120, 200], [255, 150, 40]], dtype=np.float32)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The image (its first three bands, or its first band in gray) with non-background classes tinted in distinct
+    colours."""
+    rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)  # multispectral: bands 1-3
+    colours = _COLOURS[np.arange(num_classes) % len(_COLOURS)]
+    tint = colours[labels]
+    alpha = np.where(labels[..., None] > 0, 0.5, 0.0)
+    return np.clip(rgb * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8)

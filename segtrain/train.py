@@ -186,16 +186,26 @@ def _write_run_header(config: Config, prepared: PreparedData, engine, run_dir: P
 
 def _train(engine, prepared: PreparedData, run_dir: Path, resume: bool, created_run_dir: bool, log) -> None:
     """Run the loop; a data error before the first step removes a run folder this run created."""
+    import time
+
     from segtrain.engine.loop import run_training
     from segtrain.engine.setup import RunData
 
     loop, train = engine.loop, engine.config.train
     if engine.restored:
         log(f"Resuming {run_dir} at epoch {loop.epoch + 1}, step {loop.global_step} (from {engine.restored}).")
-    log(f"Training {engine.model.name} on {len(prepared.train_pairs)} images ({loop.steps_per_epoch} steps/epoch, "
-        f"{train.epochs} epochs, {engine.policy}, {engine.replicas} replica(s)) -> {run_dir}")
+    if train.budget is not None and engine.plan is None:
+        shape = f"within a budget of {train.budget}, its steps planned from the step time measured first"
+    elif engine.plan is not None:
+        shape = (f"{loop.steps_per_epoch} steps/epoch, {engine.epochs} epochs, {engine.plan.total_steps} steps "
+                 f"planned for the {train.budget} budget in {run_dir / 'budget.json'}")
+    else:
+        shape = f"{loop.steps_per_epoch} steps/epoch, {train.epochs} epochs"
+    log(f"Training {engine.model.name} on {len(prepared.train_pairs)} images ({shape}, {engine.policy}, "
+        f"{engine.replicas} replica(s)) -> {run_dir}")
     start_step = loop.global_step
     data = RunData(engine.config, prepared, engine, run_dir)
+    started = time.perf_counter()
     try:
         run_training(engine, data, run_dir, log)
     except DataError:
@@ -206,21 +216,55 @@ def _train(engine, prepared: PreparedData, run_dir: Path, resume: bool, created_
         raise
     finally:
         data.close()
+    log(_training_time_report(engine, time.perf_counter() - started, start_step))
+
+
+def _training_time_report(engine, seconds: float, start_step: int) -> str:
+    """The training loop's wall time in this process (with a budget: against it); calibration and evaluation,
+    which come after it, are not part of it."""
+    from segtrain.engine.budget import clock_text
+
+    loop, plan = engine.loop, engine.plan
+    text = f"Training took {clock_text(seconds)}, steps {start_step} to {loop.global_step}"
+    if plan is not None and start_step == 0:
+        text += (f": {seconds / plan.budget_seconds:.0%} of the {plan.budget} budget "
+                 f"({clock_text(plan.planned_seconds)} planned for {plan.total_steps} steps)")
+        if seconds > plan.budget_seconds:
+            text += f", {clock_text(seconds - plan.budget_seconds)} over it (the steps ran slower than measured)"
+    elif plan is not None:
+        text += f" in this process, of the {plan.total_steps} steps planned for the {plan.budget} budget"
+    return text + ". Calibration and evaluation follow, outside the training time."
 
 
 def _evaluate_best(engine, prepared: PreparedData, run_dir: Path, log) -> dict:
-    """best.keras (last.keras if no epoch improved) on the validation split: calibration.json (unless
-    predict.calibrate is false), metrics.json and the reports."""
-    from segtrain.calibration import fit_calibration
-    from segtrain.evaluation import evaluate_run
+    """best.keras (last.keras if no epoch improved) on the validation split, from ONE forward pass over it: the
+    temperature (unless predict.calibrate is false) into policy.json, then metrics.json and the reports from the
+    same logits. The time it took is reported apart from training's (metrics.json `post_training_seconds`)."""
+    import time
 
-    if not (run_dir / "best.keras").exists():
-        save_model_atomic(engine.model, run_dir / "best.keras")
-    config = engine.config
+    from segtrain.evaluation import evaluate_split
+    from segtrain.policy.calibrate import fit_temperature_on, store_calibration
+    from segtrain.policy.predictor import Predictor, SplitLogits
+    from segtrain.policy.store import StoredPolicy, resolve_policy, trained_class_weights, write_stored
+
+    start = time.perf_counter()
+    model_path = run_dir / "best.keras"
+    if not model_path.exists():
+        save_model_atomic(engine.model, model_path)
+    config, split = engine.config, engine.config.data.val_split
+    predictor = Predictor.load(model_path, config, log=log, use_calibration=False, use_tuned=False)
+    split_logits = SplitLogits(predictor, prepared.val_pairs, prepared.mapping, "validating best.keras")
     if config.predict.calibrate:
-        fit_calibration(run_dir / "best.keras", config, prepared.val_pairs, prepared.mapping, run_dir,
-                        config.data.val_split, log)
-    metrics = evaluate_run(run_dir / "best.keras", engine.config, prepared.val_pairs, prepared.mapping, run_dir, log=log)
+        store_calibration(fit_temperature_on(split_logits, split), model_path, config, run_dir, log)
+    else:
+        write_stored(StoredPolicy.new(model_path, trained_class_weights(config, run_dir)), run_dir)
+    resolved = resolve_policy(model_path, config, log=log)
+    split_logits.predictor = Predictor(predictor.model, config, resolved.policy, resolved)
+    metrics = evaluate_split(split_logits, split, run_dir, log=log, model_path=model_path)
     metrics["best_epoch"] = engine.loop.best_epoch
+    metrics["post_training_seconds"] = round(time.perf_counter() - start, 2)
+    metrics["post_training_forward_passes"] = split_logits.forward_passes
     write_json(metrics, run_dir / "metrics.json")
+    log(f"After training: calibration and evaluation of best.keras took {metrics['post_training_seconds']:.1f} s "
+        f"({split_logits.forward_passes} forward pass(es) over {split}).")
     return metrics

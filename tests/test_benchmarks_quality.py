@@ -19,12 +19,15 @@ def test_data_variants_tiny_prints_every_variant():
     assert all(0.0 <= float(r[3]) <= 1.0 for r in rows)
 
 
-def test_prior_correction_tiny_prints_the_five_rows_and_a_verdict():
+def test_prior_correction_tiny_prints_the_rows_and_both_temperature_tables():
     lines = run_script("prior_correction.py", "--tiny")
-    names = [r[0] for r in table_rows(lines, "none") + table_rows(lines, "median_frequency")]
-    assert names == ["none", "median_frequency", "median_frequency + weights (tau 1)",
+    names = [r[0].replace(" (nothing written)", "") for r in table_rows(lines, "none") + table_rows(lines, "median")]
+    assert names == ["none", "none + tuned (class biases)", "median_frequency", "median_frequency + weights (tau 1)",
                      "median_frequency + tuned (tau, class biases)", "median_frequency + tuned + post-processing"]
-    assert "both uncorrected rows" in lines[-1]
+    temperature_rows = [r[0] for r in table_rows(lines, "T = 1") + table_rows(lines, "one T") +
+                        table_rows(lines, "per-class T")]
+    assert len(temperature_rows) == 6  # T = 1, one T, per-class T for each of the two models
+    assert all(0.0 <= float(r[3]) <= 1.0 for r in table_rows(lines, "per-class T"))  # mean IoU
 
 
 def test_operating_point_tiny_prints_calibration_and_the_tuned_rows():

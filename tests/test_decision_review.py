@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import TINY, invoke, make_stripes_dataset, write_config
+from tests.helpers import invoke, make_stripes_dataset, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Tests for segtrain.policy.inference: tile layout, windows, and tiled prediction vs whole-image passes."""
+"""Tests for segtrain.policy.inference: tile layout, windows, the whole-image pass, tiles blended as logits, flip TTA,
+and images of any size down to 1 px, each against a direct model call or an independent NumPy blend."""
 
 import os
 
@@ -9,13 +10,15 @@ import numpy as np
 import pytest
 from keras import layers
 
-from segtrain.policy.inference import WINDOW_FLOOR, make_window, predict_probabilities, tile_positions
+from segtrain.policy import inference
+from segtrain.policy.inference import WINDOW_FLOOR, make_window, predict_logits, predict_probabilities, tile_positions
 
 DIVISOR = 4  # the tiny U-Net below pools twice
 
 
-def tiny_unet(in_channels, out_channels, seed=0):
-    """Two-level U-Net (Conv/MaxPool/UpSampling/Concatenate), logits out, fixed random init."""
+def tiny_unet(in_channels, out_channels, seed=0, scale=1.0):
+    """Two-level U-Net (Conv/MaxPool/UpSampling/Concatenate), logits out, fixed random init; `scale` multiplies the
+    logits (10: logits up to about 8, so tiles that see different context disagree by about 1)."""
     keras.utils.set_random_seed(seed)
     inp = keras.Input((None, None, in_channels))
     c1 = layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
@@ -27,7 +30,8 @@ def tiny_unet(in_channels, out_channels, seed=0):
     d1 = layers.Conv2D(8, 3, padding="same", activation="relu")(
         layers.Concatenate()([layers.UpSampling2D()(d2), c1])
     )
-    return keras.Model(inp, layers.Conv2D(out_channels, 1)(d1))
+    out = layers.Conv2D(out_channels, 1)(d1)
+    return keras.Model(inp, out if scale == 1.0 else layers.Rescaling(scale)(out))
 
 
 def pointwise_model(in_channels, out_channels, seed=1):
@@ -67,6 +71,65 @@ def probabilities(logits):
 def forward(model, image):
     """Direct whole-image forward pass: probabilities (H, W, K)."""
     return probabilities(model(image[None], training=False))[0]
+
+
+def forward_logits(model, image):
+    """Direct whole-image forward pass: logits (H, W, C), float64."""
+    return np.asarray(model(image[None], training=False), np.float64)[0]
+
+
+def pad_end(image, divisor, axes=(0, 1)):
+    """Reflect-pad the END of `axes` to a multiple of `divisor` with np.pad (a 1-px side repeats its pixel): the
+    values of segtrain.policy.padding's rule (tests/test_policy_padding.py)."""
+    widths = [(0, 0)] * image.ndim
+    for axis in axes:
+        widths[axis] = (0, -(-image.shape[axis] // divisor) * divisor - image.shape[axis])
+    return np.pad(image, widths, mode="reflect")
+
+
+def padded_forward_logits(model, image, divisor=DIVISOR):
+    """The exact whole-image pass, independently: pad the end to a multiple of `divisor`, one call, crop back."""
+    height, width = image.shape[:2]
+    return forward_logits(model, pad_end(image, divisor))[:height, :width]
+
+
+def cosine_window(n):
+    """sin^2(pi (i + 0.5) / n) over i = 0..n-1 (make_window's formula, written again)."""
+    return np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
+
+
+def blend_reference(model, image, tile, overlap=0.25, divisor=DIVISOR, tta=False, blend="logits"):
+    """Tiled prediction written out in NumPy: pad the sides no longer than a tile, cut tiles every
+    round(tile * (1 - overlap)) with the last one on the border, run each tile alone (the mean of its three flips
+    with `tta`), blend their logits (or, with blend="probabilities", their probabilities) with the floored,
+    normalised cosine window, crop back."""
+    height, width = image.shape[:2]
+    x = pad_end(image, divisor, tuple(a for a in (0, 1) if image.shape[a] <= tile))
+    ph, pw = x.shape[:2]
+    th, tw = min(tile, ph), min(tile, pw)
+    stride = int(round(tile * (1 - overlap)))
+
+    def starts(length, size):
+        if length <= size:
+            return [0]
+        return sorted(set(range(0, length - size, min(stride, size))) | {length - size})
+
+    w = np.outer(cosine_window(th), cosine_window(tw))
+    w = np.maximum(w / w.max(), WINDOW_FLOOR)[..., None]
+    total, weight = 0.0, np.zeros((ph, pw, 1))
+    for y in starts(ph, th):
+        for x0 in starts(pw, tw):
+            t = x[y : y + th, x0 : x0 + tw]
+            z = forward_logits(model, t)
+            if tta:
+                z = (z + forward_logits(model, t[:, ::-1].copy())[:, ::-1]
+                     + forward_logits(model, t[::-1].copy())[::-1]) / 3.0
+            v = z if blend == "logits" else probabilities(z)
+            acc = np.zeros((ph, pw, v.shape[-1]))
+            acc[y : y + th, x0 : x0 + tw] = v * w
+            total = total + acc
+            weight[y : y + th, x0 : x0 + tw] += w
+    return (total / weight)[:height, :width]
 
 
 @pytest.fixture(scope="module", params=[1, 3], ids=["binary", "3-class"])
@@ -141,7 +204,38 @@ def test_unknown_window_rejected():
         make_window(8, "box")
 
 
-# ---------------------------------------------------------------- one tile: exact forward pass
+# ---------------------------------------------------------------- whole image: one exact forward pass
+
+
+@pytest.mark.parametrize("shape", [(45, 61), (64, 64), (130, 97)])
+def test_whole_image_path_equals_a_direct_call_on_the_padded_image(unet, shape):
+    # tile_size None: images up to 2048 x 2048 go through whole, padded at the end and cropped back
+    image = np.random.default_rng(12).normal(size=(*shape, 1)).astype("float32")
+    got = predict_logits(unet, image, divisor=DIVISOR)
+    assert got.shape == (*shape, unet.output_shape[-1]) and got.dtype == np.float32
+    np.testing.assert_allclose(got, padded_forward_logits(unet, image), atol=1e-6)  # float32 forward passes
+    if shape == (130, 97):  # larger than the tiles below: whole, not tiled (tiles would differ by ~0.1)
+        assert np.abs(got - predict_logits(unet, image, tile_size=32, divisor=DIVISOR)).max() > 1e-2
+
+
+def test_default_tiles_only_beyond_the_whole_image_limit(monkeypatch):
+    # the limit is 2048 x 2048 padded pixels; shrunk here to 48 x 48 (and the default tile to 32) to test the rule
+    monkeypatch.setattr(inference, "WHOLE_IMAGE_PIXELS", 48 * 48)
+    monkeypatch.setattr(inference, "DEFAULT_TILE", 32)
+    model = tiny_unet(1, 1, scale=10.0)
+    rng = np.random.default_rng(13)
+    fits = rng.normal(size=(45, 47, 1)).astype("float32")  # padded 48 x 48 = the limit: whole, although > a tile
+    np.testing.assert_allclose(predict_logits(model, fits, divisor=DIVISOR), padded_forward_logits(model, fits),
+                               atol=1e-5)
+    over = rng.normal(size=(49, 48, 1)).astype("float32")  # padded 52 x 48 > 48 x 48: tiles of DEFAULT_TILE
+    got = predict_logits(model, over, divisor=DIVISOR)
+    np.testing.assert_array_equal(got, predict_logits(model, over, tile_size=32, divisor=DIVISOR))
+    np.testing.assert_allclose(got, blend_reference(model, over, 32), atol=2e-5)
+    assert np.abs(got - padded_forward_logits(model, over)).max() > 1e-2
+
+
+# ---------------------------------------------------------------- an explicit tile that holds the image
+
 
 
 @pytest.mark.parametrize("shape", [(48, 60), (64, 64)])
@@ -172,6 +266,27 @@ def test_binary_gives_two_channels_summing_to_one():
 
 
 # ---------------------------------------------------------------- tiled prediction
+
+
+@pytest.mark.parametrize("out_channels", [1, 3])
+@pytest.mark.parametrize("shape, overlap", [((40, 56), 0.25), ((70, 45), 0.5), ((30, 70), 0.25)],
+                         ids=["2x2-tiles", "3x3-tiles", "short-rows-padded"])
+def test_tiles_blend_logits_as_the_numpy_reference(shape, overlap, out_channels):
+    # A U-Net with logits up to ~8 whose tiles disagree near their borders: any error in offsets, window, padding
+    # of short sides, or blending probabilities instead of logits shows. (30, 70): rows shorter than a tile are
+    # padded to 32, the columns tiled as they are.
+    model = tiny_unet(1, out_channels, scale=10.0)
+    image = np.random.default_rng(14).normal(size=(*shape, 1)).astype("float32")
+    got = predict_logits(model, image, tile_size=32, overlap=overlap, divisor=DIVISOR)
+    reference = blend_reference(model, image, 32, overlap)
+    assert got.shape == (*shape, out_channels) and got.dtype == np.float32
+    np.testing.assert_allclose(got, reference, atol=2e-5)  # float32 sums of logits up to ~8 (measured: 4e-6)
+    probs = predict_probabilities(model, image, tile_size=32, overlap=overlap, divisor=DIVISOR)
+    np.testing.assert_allclose(probs, probabilities(reference), atol=1e-5)
+    # blending probabilities instead would give other values
+    assert np.abs(probs - blend_reference(model, image, 32, overlap, blend="probabilities")).max() > 1e-2
+
+
 
 
 @pytest.mark.parametrize("window", ["cosine", "gaussian"])
@@ -219,16 +334,25 @@ def test_batch_size_does_not_change_result(unet):
 # ---------------------------------------------------------------- flip TTA
 
 
-def test_tta_single_tile_is_mean_of_three_flips(unet):
+def test_tta_single_tile_is_the_mean_of_three_flips_logits(unet):
     image = np.random.default_rng(9).normal(size=(32, 48, 1)).astype("float32")
-    got = predict_probabilities(unet, image, tile_size=64, tta=True, divisor=DIVISOR)
+    got = predict_logits(unet, image, tile_size=64, tta=True, divisor=DIVISOR)
     expected = (
-        forward(unet, image)
-        + forward(unet, image[:, ::-1].copy())[:, ::-1]
-        + forward(unet, image[::-1].copy())[::-1]
+        forward_logits(unet, image)
+        + forward_logits(unet, image[:, ::-1].copy())[:, ::-1]
+        + forward_logits(unet, image[::-1].copy())[::-1]
     ) / 3.0
     np.testing.assert_allclose(got, expected, atol=1e-6)
-    assert not np.allclose(got, forward(unet, image), atol=1e-4)  # the flips did something
+    np.testing.assert_allclose(predict_probabilities(unet, image, tile_size=64, tta=True, divisor=DIVISOR),
+                               probabilities(expected), atol=1e-6)  # probabilities of the mean logits
+    assert not np.allclose(got, forward_logits(unet, image), atol=1e-4)  # the flips did something
+
+
+def test_tta_with_tiles_averages_each_tiles_flipped_logits():
+    model = tiny_unet(1, 3, scale=10.0)
+    image = np.random.default_rng(11).normal(size=(40, 56, 1)).astype("float32")
+    got = predict_logits(model, image, tile_size=32, tta=True, divisor=DIVISOR)
+    np.testing.assert_allclose(got, blend_reference(model, image, 32, tta=True), atol=2e-5)
 
 
 def test_tta_on_flip_symmetric_image_is_finite_and_normalised(unet):
@@ -238,6 +362,69 @@ def test_tta_on_flip_symmetric_image_is_finite_and_normalised(unet):
     assert got.shape[:2] == (100, 140) and np.isfinite(got).all()
     assert got.min() >= 0.0 and got.max() <= 1.0
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- tiny images
+
+
+TINY_SHAPES = [(1, 1), (1, 2), (2, 1), (1, 5), (5, 1), (2, 3), (3, 4), (4, 4), (5, 5)]
+
+
+@pytest.mark.parametrize("shape", TINY_SHAPES, ids=[f"{h}x{w}" for h, w in TINY_SHAPES])
+def test_tiny_images_go_through_whole(unet, shape):
+    image = np.random.default_rng(sum(shape)).normal(size=(*shape, 1)).astype("float32")
+    expected = padded_forward_logits(unet, image)  # a 1-px side repeats its pixel; 5 -> 8 reflects 3
+    for tile_size in (None, 32):
+        got = predict_logits(unet, image, tile_size, divisor=DIVISOR)
+        assert got.shape == (*shape, unet.output_shape[-1]) and np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    probs = predict_probabilities(unet, image, divisor=DIVISOR)
+    np.testing.assert_allclose(probs, probabilities(expected), atol=1e-6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (5, 3)])
+def test_tiny_images_with_a_deep_divisor(shape):
+    # divisor 16 (a depth-4 U-Net): a 1-px side padded to 16, a 5-px side by three reflections; a 1x1 network
+    # must give every pixel its own value whatever the padding
+    model = pointwise_model(3, 2)
+    image = np.random.default_rng(15).normal(size=(*shape, 3)).astype("float32")
+    got = predict_logits(model, image, divisor=16)
+    np.testing.assert_allclose(got, forward_logits(model, image), atol=1e-6)
+    np.testing.assert_allclose(got, padded_forward_logits(model, image, 16), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 70), (70, 1), (3, 70)])
+def test_a_thin_image_longer_than_a_tile(unet, shape):
+    # the short side is padded to 4 px, the long one tiled: tiles of (4, 32) or (32, 4)
+    image = np.random.default_rng(16).normal(size=(*shape, 1)).astype("float32")
+    got = predict_logits(unet, image, tile_size=32, divisor=DIVISOR)
+    assert got.shape == (*shape, unet.output_shape[-1]) and np.isfinite(got).all()
+    np.testing.assert_allclose(got, blend_reference(unet, image, 32), atol=1e-5)
+    pointwise = pointwise_model(1, 3)
+    np.testing.assert_allclose(predict_logits(pointwise, image, tile_size=32, divisor=DIVISOR),
+                               forward_logits(pointwise, image), atol=1e-5)
+
+
+# ---------------------------------------------------------------- temperature
+
+
+def test_probabilities_are_the_tempered_logits(unet):
+    image = np.random.default_rng(17).normal(size=(40, 56, 1)).astype("float32")
+    for tile_size in (None, 32):
+        z = predict_logits(unet, image, tile_size, divisor=DIVISOR)
+        for temperature in (1.0, 0.3, 2.5):
+            got = predict_probabilities(unet, image, tile_size, temperature, divisor=DIVISOR)
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, probabilities(z / temperature), atol=1e-6)
+    if unet.output_shape[-1] == 3:  # per-class temperatures divide each channel by its own T
+        vector = [0.5, 1.0, 4.0]
+        got = predict_probabilities(unet, image, None, vector, divisor=DIVISOR)
+        z = predict_logits(unet, image, divisor=DIVISOR)
+        np.testing.assert_allclose(got, probabilities(z / np.array(vector)), atol=1e-6)
+    for bad in (0.0, -1.0, [1.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="temperature"):
+            predict_probabilities(unet, image, None, bad, divisor=DIVISOR)
 
 
 # ---------------------------------------------------------------- misc

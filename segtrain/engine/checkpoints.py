@@ -87,10 +87,12 @@ class TrainingState:
         self.best_epoch.assign(loop.best_epoch)
         return self.save(loop.epoch, loop.global_step)
 
-    def loop_state(self, monitor: str, steps_per_epoch: int, rows: list) -> LoopState:
+    def loop_state(self, monitor: str, steps_per_epoch: int, rows: list,
+                   total_steps: Optional[int] = None) -> LoopState:
         """The LoopState of the restored checkpoint (call after `restore_latest`), with the history `rows`."""
         loop = LoopState(monitor, steps_per_epoch, epoch=int(self.epoch.numpy()), global_step=int(self.step.numpy()),
-                         best=self.best_value, best_epoch=int(self.best_epoch.numpy()), rows=rows)
+                         best=self.best_value, best_epoch=int(self.best_epoch.numpy()), rows=rows,
+                         total_steps=total_steps)
         if loop.step_in_epoch > 0:  # killed mid-epoch: the running loss of the steps already done
             loop.loss_sum = float(self.epoch_loss_sum.numpy())
             loop.loss_steps = int(self.epoch_loss_steps.numpy())

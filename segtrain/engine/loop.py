@@ -5,12 +5,18 @@ row, last.keras and best.keras are written first and the checkpoint last, so a r
 any moment resumes from a checkpoint whose epoch's files are either all written or redone
 identically. Checkpoints inside an epoch (`train.checkpoint_every_steps`, a signal) fall on
 call boundaries of the compiled step, where the loop state and the weights agree.
+
+With `train.budget`, a new run first measures the step time (`measure_and_plan`, rules in
+`segtrain.engine.budget`), records the plan (budget.json) and checkpoints; the epochs then follow the plan.
+A resumed run reads the plan back and never measures again.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,12 +34,15 @@ def run_training(engine: Engine, data: RunData, run_dir: Path, log) -> LoopState
     train, loop = engine.config.train, engine.loop
     files = EpochFiles(run_dir, engine.chief)
     with StopFlag() as stop:
-        while loop.epoch < train.epochs:
+        if train.budget is not None and engine.plan is None:
+            measure_and_plan(engine, data, stop, run_dir, log)
+        epochs = engine.epochs
+        while loop.epoch < epochs:
             started = time.perf_counter()
             steps_before = loop.step_in_epoch
             train_epoch(engine, data, loop, stop, run_dir)
             row = epoch_row(engine, loop, time.perf_counter() - started, loop.step_in_epoch - steps_before)
-            validated = (loop.epoch + 1) % train.validate_every == 0 or loop.epoch + 1 == train.epochs
+            validated = (loop.epoch + 1) % train.validate_every == 0 or loop.epoch + 1 == epochs
             if validated:
                 row.update(validation_columns(engine, data))
             improved = loop.finish_epoch(row)
@@ -58,8 +67,8 @@ def train_epoch(engine: Engine, data: RunData, loop: LoopState, stop: "StopFlag"
     from tqdm import tqdm
 
     train, batch = engine.config.train, engine.config.data.batch_size
-    epoch_label = f"epoch {loop.epoch + 1}/{train.epochs}"
-    bar = tqdm(total=loop.steps_per_epoch, initial=loop.step_in_epoch, desc=epoch_label, unit="step",
+    epoch_label = f"epoch {loop.epoch + 1}/{engine.epochs}"
+    bar = tqdm(total=loop.epoch_steps, initial=loop.step_in_epoch, desc=epoch_label, unit="step",
                dynamic_ncols=True, disable=None)
     started, images = time.perf_counter(), 0
     try:
@@ -83,6 +92,79 @@ def train_epoch(engine: Engine, data: RunData, loop: LoopState, stop: "StopFlag"
                 save_checkpoint(engine, loop, where, run_dir)
     finally:
         bar.close()
+
+
+def measure_and_plan(engine: Engine, data: RunData, stop: "StopFlag", run_dir: Path, log) -> None:
+    """A budgeted run's start: train while timing the step and a validation pass, plan the steps and epochs,
+    record the plan (budget.json, before the first checkpoint), switch to the planned schedule, checkpoint."""
+    from segtrain.engine import budget
+    from segtrain.engine.schedules import measuring_rate
+
+    config, loop, trainer = engine.config, engine.loop, engine.trainer
+    train = config.train
+
+    def train_call(count: int) -> None:
+        try:
+            losses = trainer.train_steps(data.train_iterator, count)
+        except tf.errors.OpError as exc:
+            raise data_error_from(exc) from None
+        check_finite(losses, loop, run_dir)
+        loop.add_step_losses(losses)
+
+    def validate(one_batch: bool) -> None:
+        if one_batch and isinstance(engine.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return  # a batch would reach one worker only; the timed pass then includes the trace (a safe overestimate)
+        try:
+            trainer.validate(data.val.take(1) if one_batch else data.val)
+        except tf.errors.OpError as exc:
+            raise data_error_from(exc) from None
+
+    def epoch_end() -> None:
+        """An epoch end's writes (EpochFiles and a checkpoint), into a scratch folder that is then removed."""
+        from segtrain.config import monitor_columns
+
+        scratch = Path(tempfile.mkdtemp(prefix="segtrain-budget-"))
+        try:
+            files = EpochFiles(scratch, chief=True)
+            row = epoch_row(engine, loop, 1.0, 1)
+            row.update({name: 0.0 for name in monitor_columns(config.data.classes) if name.startswith("val_")})
+            files.write([row], engine.model, improved=True)
+            files.writer.close()
+            if not isinstance(engine.strategy, tf.distribute.MultiWorkerMirroredStrategy):  # a collective there
+                engine.checkpoint.checkpoint.write(str(scratch / "checkpoints" / "ckpt"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    try:
+        found = budget.measure(train_call, validate, engine.steps_per_execution, train.budget_seconds,
+                               cap=train.steps_per_epoch, agree=trainer.stop_agreed,
+                               stopped=lambda: trainer.stop_agreed(stop.requested), epoch_end=epoch_end)
+    except budget.MeasuringStopped:
+        raise Interrupted(
+            f"{stop.signal_name or 'a signal on another worker'}: stopped while measuring the step time for "
+            f"train.budget, before the plan and the first checkpoint, so there is nothing to resume. Start again "
+            f"with: segtrain fit {run_dir / 'config.yaml'} --out {run_dir} --overwrite"
+        ) from None
+    # every worker plans from the same numbers (rounded, so that the plans agree to the step)
+    per_step, validation, writes, spent, trace = (round(x, 6) for x in trainer.agreed_mean(
+        [found.seconds_per_step, found.validation_seconds, found.epoch_end_seconds, found.seconds,
+         found.trace_seconds]))
+    plan = budget.plan_budget(train.budget_seconds, per_step, validation, data.train_images,
+                              config.data.batch_size, measured_steps=found.steps, measuring_seconds=spent,
+                              trace_seconds=trace, epoch_end_seconds=writes, validate_every=train.validate_every,
+                              steps_per_epoch=train.steps_per_epoch, budget=train.budget,
+                              timed_steps=found.timed_steps)
+    plan.measuring_learning_rate = measuring_rate(train)
+    if engine.chief:
+        budget.write_plan(plan, run_dir)
+    log(plan.summary())
+    for warning in plan.warnings:
+        log(f"warning: {warning}")
+    engine.apply_plan(plan)
+    where = f"after measuring the step time (global step {loop.global_step})"
+    save_checkpoint(engine, loop, where, run_dir)
+    if trainer.stop_agreed(stop.requested):
+        raise interrupted(stop, where, run_dir)
 
 
 def steps_in_next_call(loop: LoopState, checkpoint_every: Optional[int], per_call: int) -> int:
@@ -159,7 +241,8 @@ class EpochFiles:
         self.writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
 
     def write(self, rows: list[dict], model, improved: bool) -> None:
-        from segtrain.history import plot_history_png, write_history, write_scalars
+        from segtrain.history import write_history, write_scalars
+        from segtrain.reports import plot_history
         from segtrain.runs import save_model_atomic
 
         if not self.chief:
@@ -169,7 +252,7 @@ class EpochFiles:
         if improved:
             save_model_atomic(model, self.run_dir / "best.keras")
         write_scalars(self.writer, rows[-1], int(rows[-1]["epoch"]))
-        plot_history_png(rows, self.run_dir / "history.png")
+        plot_history(rows, self.run_dir / "history.png")
 
 
 class StopFlag:

@@ -74,6 +74,69 @@ def make_schedule(train: TrainConfig, total_steps: int, steps_per_epoch: int, lr
     return ScaledWarmup(train.learning_rate, warmup, lr_scale if train.schedule == "plateau" else None)
 
 
+def measuring_rate(train: TrainConfig) -> float:
+    """The schedule's starting rate, at which a budgeted run trains while it measures the step time (the
+    schedule's length is not known yet): 1% of train.learning_rate with a warm-up, the full rate without one."""
+    return train.learning_rate * (WARMUP_START if train.warmup_epochs > 0 else 1.0)
+
+
+@keras.saving.register_keras_serializable(package="segtrain")
+class AfterMeasuring(keras.optimizers.schedules.LearningRateSchedule):
+    """A budgeted run's schedule: the measured steps at a constant rate, then the planned schedule.
+
+    Formula:
+    ```
+    lr(step) = measuring_rate                     for step < measured_steps
+    lr(step) = schedule(step - measured_steps)    from then on
+    ```
+
+    `schedule` is `make_schedule(train, total_steps - measured_steps, steps_per_epoch)`, so warm-up and cosine span
+    the steps left after measuring and the rate reaches the cosine's end at the planned last step.
+
+    Args:
+        measuring_rate: the rate of the measured steps (`measuring_rate(train)`).
+        measured_steps: steps trained while measuring.
+        schedule: the planned schedule (a LearningRateSchedule).
+    """
+
+    def __init__(self, measuring_rate: float, measured_steps: int, schedule):
+        self.measuring_rate = float(measuring_rate)
+        self.measured_steps = int(measured_steps)
+        self.schedule = schedule
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.int64)
+        planned = self.schedule(tf.maximum(step - self.measured_steps, 0))
+        measuring = tf.constant(self.measuring_rate, tf.float32)
+        return tf.where(step < self.measured_steps, measuring, tf.cast(planned, tf.float32))
+
+    def get_config(self):
+        return {"measuring_rate": self.measuring_rate, "measured_steps": self.measured_steps,
+                "schedule": keras.optimizers.schedules.serialize(self.schedule)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.optimizers.schedules.deserialize(config["schedule"])
+        return cls(**config)
+
+
+def make_budget_schedule(train: TrainConfig, plan, lr_scale: Optional[tf.Variable] = None) -> AfterMeasuring:
+    """The schedule of a budgeted run from its plan (`segtrain.engine.budget.BudgetPlan`)."""
+    planned = make_schedule(train, plan.total_steps - plan.measured_steps, plan.steps_per_epoch, lr_scale)
+    return AfterMeasuring(plan.measuring_learning_rate, plan.measured_steps, planned)
+
+
+def measuring_schedule(train: TrainConfig) -> ScaledWarmup:
+    """The constant rate a budgeted run measures at, before its plan exists."""
+    return ScaledWarmup(measuring_rate(train))
+
+
+def set_schedule(optimizer, schedule) -> None:
+    """Replace the optimizer's learning-rate schedule (the train step must then be traced again)."""
+    getattr(optimizer, "inner_optimizer", optimizer).learning_rate = schedule
+
+
 def make_optimizer(train: TrainConfig, schedule, policy: str) -> keras.optimizers.Optimizer:
     """Adam (AdamW with weight decay); wrapped for dynamic loss scaling under float16.
 

@@ -14,7 +14,8 @@ import tensorflow as tf
 from segtrain.config import Config
 from segtrain.engine.checkpoints import TrainingState
 from segtrain.engine.devices import resolve_jit_compile, resolve_steps_per_execution
-from segtrain.engine.schedules import PlateauState, make_optimizer, make_schedule
+from segtrain.engine.schedules import (PlateauState, make_budget_schedule, make_optimizer, make_schedule,
+                                       measuring_schedule, set_schedule)
 from segtrain.engine.state import LoopState
 from segtrain.engine.trainer import Trainer, logits_labeler
 from segtrain.errors import CheckpointError, ConfigError
@@ -37,10 +38,25 @@ class Engine:
     restored: Optional[str]
     steps_per_execution: int
     jit_compile: bool
+    plan: Optional[object] = None
+    """A budgeted run's `segtrain.engine.budget.BudgetPlan` (None before it is measured, and without a budget)."""
 
     @property
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
+
+    @property
+    def epochs(self) -> int:
+        """Epochs of the run: the plan's with train.budget, else train.epochs."""
+        return self.plan.epochs if self.plan is not None else self.config.train.epochs
+
+    def apply_plan(self, plan) -> None:
+        """Train the rest of a budgeted run by its plan: the planned schedule (the train step is traced again),
+        and the loop's epochs of plan.steps_per_epoch steps ending at plan.total_steps."""
+        set_schedule(self.optimizer, make_budget_schedule(self.config.train, plan, self.checkpoint.lr_scale))
+        self.trainer.retrace()
+        self.loop.steps_per_epoch, self.loop.total_steps = plan.steps_per_epoch, plan.total_steps
+        self.plan = plan
 
 
 def check_batch_split(batch_size: int, replicas: int) -> None:
@@ -66,6 +82,13 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
     train, classes = config.train, config.data.classes
     check_batch_split(config.data.batch_size, strategy.num_replicas_in_sync)
     steps = steps_per_epoch(len(prepared.train_pairs), config.data.batch_size, train.steps_per_epoch)
+    plan, total = None, None
+    if train.budget is not None:
+        from segtrain.engine.budget import read_plan
+
+        plan = read_plan(run_dir, train.budget_seconds) if resume else None
+        # before the plan: measuring steps in epoch 1 (at most train.steps_per_epoch of them)
+        steps, total = (plan.steps_per_epoch, plan.total_steps) if plan else (train.steps_per_epoch or 2**62, None)
     with strategy.scope():
         model = build_unet(prepared.channels, output_channels(len(classes)), config.model.depth,
                            config.model.base_filters, config.model.batch_norm, config.model.dropout,
@@ -74,7 +97,11 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
             _synchronize_batch_norm(model)
         loss_fn = build_loss(config.loss, classes, prepared.class_weights)
         lr_scale = tf.Variable(1.0, dtype=tf.float32, trainable=False, name="lr_scale")
-        optimizer = make_optimizer(train, make_schedule(train, steps * train.epochs, steps, lr_scale), policy)
+        if train.budget is None:
+            schedule = make_schedule(train, steps * train.epochs, steps, lr_scale)
+        else:
+            schedule = make_budget_schedule(train, plan, lr_scale) if plan else measuring_schedule(train)
+        optimizer = make_optimizer(train, schedule, policy)
         optimizer.build(model.trainable_variables)
         checkpoint = TrainingState(model, optimizer, run_dir / "checkpoints", train.keep_checkpoints,
                                    writer=chief, lr_scale=lr_scale)
@@ -82,9 +109,9 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
     if resume and restored is None:
         raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint to resume from; run without --resume.")
     if restored:
-        loop = checkpoint.loop_state(train.monitor, steps, history_rows(int(checkpoint.epoch.numpy())))
+        loop = checkpoint.loop_state(train.monitor, steps, history_rows(int(checkpoint.epoch.numpy())), total)
     else:
-        loop = LoopState(train.monitor, steps)
+        loop = LoopState(train.monitor, steps, total_steps=total)
     # validation decides like eval, so best.keras is chosen by the rule that eval reports
     labeler = logits_labeler(config.predict.decision, config.predict.threshold, decision_cost_matrix(config))
     jit = resolve_jit_compile(train, strategy.num_replicas_in_sync)
@@ -92,7 +119,7 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
                       labeler=labeler, jit_compile=jit)
     plateau = PlateauState(train, checkpoint.lr_scale, checkpoint.plateau_wait) if train.schedule == "plateau" else None
     return Engine(config, strategy, model, optimizer, trainer, checkpoint, plateau, loop, policy, chief, restored,
-                  resolve_steps_per_execution(train), jit)
+                  resolve_steps_per_execution(train), jit, plan)
 
 
 def _synchronize_batch_norm(model) -> None:
@@ -112,6 +139,7 @@ class RunData:
         from segtrain.data.pipeline import DataSpec, evaluation_dataset, training_dataset
 
         data = config.data
+        self.train_images = len(prepared.train_pairs)
         self.scratch = None if engine.chief else Path(tempfile.mkdtemp(prefix="segtrain-worker-"))
         cache_dir = (self.scratch or run_dir) / "cache"
         if data.cache == "disk":

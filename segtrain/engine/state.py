@@ -14,7 +14,8 @@ class LoopState:
     """Global step, epochs done, the running loss of the current epoch, the best monitored value, the history.
 
     `epoch` counts completed epochs; `loss_sum` / `loss_steps` cover the steps of the epoch under way,
-    so a run resumed mid-epoch reports the same epoch loss as an uninterrupted one.
+    so a run resumed mid-epoch reports the same epoch loss as an uninterrupted one. With `total_steps` (a
+    budgeted run's plan) the last epoch ends there, which may be before its `steps_per_epoch`.
     """
 
     monitor: str
@@ -26,14 +27,22 @@ class LoopState:
     best: Optional[float] = None
     best_epoch: int = 0
     rows: list = field(default_factory=list)
+    total_steps: Optional[int] = None
 
     @property
     def step_in_epoch(self) -> int:
         return self.global_step - self.epoch * self.steps_per_epoch
 
     @property
+    def epoch_steps(self) -> int:
+        """Steps of the epoch under way: steps_per_epoch, or fewer for a last epoch that ends at total_steps."""
+        if self.total_steps is None:
+            return self.steps_per_epoch
+        return max(0, min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch))
+
+    @property
     def steps_left_in_epoch(self) -> int:
-        return self.steps_per_epoch - self.step_in_epoch
+        return self.epoch_steps - self.step_in_epoch
 
     @property
     def mean_loss(self) -> Optional[float]:

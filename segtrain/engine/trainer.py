@@ -65,17 +65,24 @@ class Trainer:
             self.confusion = ConfusionMatrix(num_classes)
             self.val_loss_sum = _summed_variable()
             self.val_images = _summed_variable()
-        # XLA compiles the per-replica step (forward, loss, backward, update); the loop over steps around it
-        # reads the input iterator, which XLA cannot, so it stays an ordinary tf.function (as in Keras).
-        self._replica_step = tf.function(self._replica_train_step, jit_compile=True) if jit_compile \
-            else self._replica_train_step
+        self.jit_compile = jit_compile
+        self.retrace()
         self._replica_forward = tf.function(self._replica_val_logits, jit_compile=True) if jit_compile \
             else self._replica_val_logits
-        self._train_steps = tf.function(self._distributed_train_steps)
         self._val_step = tf.function(self._distributed_val_step)
         self._weights_finite = tf.function(self._all_weights_finite)
         self._multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self._count_stops = tf.function(self._distributed_count_stops)
+        self._mean = tf.function(self._distributed_mean)
+
+    def retrace(self) -> None:
+        """(Re)create the compiled train step; it is traced on its next call. A budgeted run calls this after
+        replacing the optimizer's learning-rate schedule, which a traced step holds as constants."""
+        # XLA compiles the per-replica step (forward, loss, backward, update); the loop over steps around it
+        # reads the input iterator, which XLA cannot, so it stays an ordinary tf.function (as in Keras).
+        self._replica_step = tf.function(self._replica_train_step, jit_compile=True) if self.jit_compile \
+            else self._replica_train_step
+        self._train_steps = tf.function(self._distributed_train_steps)
 
     # ------------------------------------------------------------------ training
     def _clip(self, grads):
@@ -141,6 +148,17 @@ class Trainer:
         if not self._multi_worker:
             return local
         return float(self._count_stops(tf.constant(1.0 if local else 0.0))) > 0
+
+    def _distributed_mean(self, values):
+        per_replica = self.strategy.run(tf.identity, args=(values,))
+        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+    def agreed_mean(self, values: list) -> list:
+        """Each value's mean over the workers (one all-reduce on multi-worker, so that every worker gets the same
+        numbers, e.g. to plan a budget alike); off multi-worker, the values themselves."""
+        if not self._multi_worker:
+            return [float(v) for v in values]
+        return [float(v) for v in self._mean(tf.constant(values, tf.float64)).numpy()]
 
     # ------------------------------------------------------------------ validation
     def _replica_val_logits(self, images, masks):

@@ -36,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-from segtrain.config import CostMatrix, Fraction, NonNegative, PerClass, Positive
+from segtrain.value_types import CostMatrix, Fraction, NonNegative, PerClass, Positive
 from segtrain.policy.rules import cost_matrix_from
 from segtrain.labels import IGNORE_INDEX
 

@@ -56,6 +56,8 @@ class StoredPolicy:
     class_weights: Optional[list] = None
     calibration: Optional[dict] = None
     tuned: Optional[dict] = None
+    legacy: bool = False
+    """Made from an older run's calibration.json (its class weights come from class_stats.json)."""
 
     def to_dict(self) -> dict:
         return {"model": self.model, "model_sha256": self.model_sha256, "class_weights": self.class_weights,
@@ -80,7 +82,7 @@ def read_stored(run_dir: Path) -> Optional[StoredPolicy]:
     if legacy.is_file():
         info = json.loads(legacy.read_text())
         calibration = {"method": "scalar", **{k: v for k, v in info.items() if k not in ("model", "model_sha256")}}
-        return StoredPolicy(info.get("model"), info.get("model_sha256"), None, calibration, None)
+        return StoredPolicy(info.get("model"), info.get("model_sha256"), None, calibration, None, legacy=True)
     return None
 
 
@@ -195,7 +197,8 @@ def resolve_policy(model_path: Path, config, overrides: Optional[Overrides] = No
             f"{model_path.name} is used without it (T = 1, untuned). Run `segtrain calibrate {run_dir}` "
             f"(and `segtrain tune`) again.")
         stored = None
-    weights = stored.class_weights if stored is not None else trained_class_weights(config, run_dir)
+    weights = (stored.class_weights if stored is not None and not stored.legacy
+               else trained_class_weights(config, run_dir))
     tta = config.predict.tta if overrides.tta is None else overrides.tta
     sources = []
 
@@ -205,7 +208,8 @@ def resolve_policy(model_path: Path, config, overrides: Optional[Overrides] = No
         temperature = calibration["temperature"]
         shown = (f"{temperature:.4g}" if np.ndim(temperature) == 0
                  else "per class " + ", ".join(f"{t:.3g}" for t in temperature))
-        sources.append(f"temperature {shown} (policy.json, fitted on {calibration.get('split')})")
+        where = LEGACY_CALIBRATION_FILE if stored.legacy else POLICY_FILE
+        sources.append(f"temperature {shown} ({where}, fitted on {calibration.get('split')})")
     policy = config_policy(config, weights, temperature, tta)
 
     tuned = stored.tuned if stored is not None else None
@@ -253,9 +257,9 @@ def _apply_overrides(policy: DecisionPolicy, overrides: Overrides, sources: list
     from segtrain.config import check_predict
     import dataclasses
 
+    if overrides.tta is not None:
+        sources.append(f"tta {'on' if overrides.tta else 'off'} (command line)")
     if overrides.decision is None and overrides.threshold is None:
-        if overrides.tta is not None:
-            sources.append(f"tta {'on' if overrides.tta else 'off'} (command line)")
         return
     before = policy.describe()
     rule = overrides.decision or ("threshold" if overrides.threshold is not None else policy.rule)

@@ -393,7 +393,7 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     from segtrain.data.masks import MaskMapping
     from segtrain.policy.predictor import Predictor, SplitLogits
     from segtrain.policy.rules import decision_cost_matrix
-    from segtrain.policy.store import POLICY_FILE, StoredPolicy, read_stored, tuning_conditions, write_stored
+    from segtrain.policy.store import StoredPolicy, read_stored, tuning_conditions, write_stored
     from segtrain.runs import resolve_checkpoint, run_config
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
