@@ -1,5 +1,6 @@
-"""Post-processing: component and hole sizes against a breadth-first flood fill written here, and the rules
-(strict "smaller than", fallback classes, border holes kept, class order) on hand-drawn maps."""
+"""Post-processing: component and hole sizes against a breadth-first flood fill written here, the rules (strict
+"smaller than", fallback classes, border holes kept, class order) on hand-drawn maps and, written out with that flood
+fill, on random ones; inside the decision policy, after the rule, with fallbacks ranked by q."""
 
 from collections import deque
 
@@ -92,3 +93,57 @@ def test_postprocess_runs_classes_in_order_removal_before_filling():
     # a hole of class 2 is any enclosed region of other classes, so filling class 2 alone also takes the island
     np.testing.assert_array_equal(postprocess(labels, fallback, {2: (0, 2)}), np.where(labels == 1, 2, labels))
     np.testing.assert_array_equal(postprocess(labels, fallback, {}), labels)
+
+
+def reference_postprocess(labels, fallback, settings):
+    """The module's rules written out with the flood fill above: per class in index order, components (8-connected)
+    under min_size take their fallback, then holes (4-connected, off the border) under max_hole become the class."""
+    out = np.array(labels, copy=True)
+    for cls in sorted(settings):
+        min_size, max_hole = settings[cls]
+        if min_size > 0:
+            sizes, _ = flood_sizes(out == cls, EIGHT_STEPS)
+            small = (sizes > 0) & (sizes < min_size)
+            out[small] = fallback[small]
+        if max_hole > 0:
+            sizes, touches = flood_sizes(out != cls, FOUR_STEPS)
+            small = (sizes > 0) & (sizes < max_hole) & ~touches
+            out[small] = cls
+    return out
+
+
+def test_postprocess_matches_the_rules_written_out_on_random_maps():
+    changed = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        k = 2 + seed % 3
+        labels = rng.choice(k, size=(16, 19), p=np.r_[0.6, np.full(k - 1, 0.4 / (k - 1))])
+        fallback = (labels + 1 + rng.integers(0, k - 1, labels.shape)) % k  # any other class
+        settings = {int(c): (int(rng.choice([0, 2, 4, 9])), int(rng.choice([0, 2, 5, 12])))
+                    for c in rng.choice(k, size=rng.integers(1, k + 1), replace=False)}
+        before = labels.copy()
+        out = postprocess(labels, fallback, settings)
+        np.testing.assert_array_equal(out, reference_postprocess(labels, fallback, settings), err_msg=str(seed))
+        np.testing.assert_array_equal(labels, before)  # the input map is not modified
+        changed += int(not np.array_equal(out, labels))
+    assert changed >= 8  # most of these maps and settings do change something
+
+
+def test_the_policy_post_processes_after_its_rule_with_fallbacks_from_q():
+    """DecisionPolicy.labels: the rule on q, then post-processing whose fallback is the next most probable class by q
+    (the prior-corrected probabilities, not p): a removed pixel goes where q, not p, ranks it second."""
+    from segtrain.policy.policy import DecisionPolicy
+
+    p = np.zeros((5, 5, 3))
+    p[...] = [0.6, 0.25, 0.15]  # background everywhere ...
+    p[2, 2] = [0.15, 0.25, 0.6]  # ... but one pixel of class 2, whose runner-up by p is class 1
+    weights = [1.0, 4.0, 1.0]  # dividing by the weights (tau 1) makes class 0 the runner-up there by q
+    policy = DecisionPolicy(["a", "b", "c"], class_weights=weights, tau=1.0, postprocess={2: (2, 0)})
+    q = policy.scores(p)
+    assert second_choice(p, np.full((5, 5), 2))[2, 2] == 1 and second_choice(q, np.full((5, 5), 2))[2, 2] == 0
+    raw = policy.decide(q)
+    assert raw[2, 2] == 2 and (np.delete(raw.ravel(), 12) == 0).all()
+    np.testing.assert_array_equal(policy.labels(q), np.zeros((5, 5), int))  # the lone pixel, removed, takes class 0
+    np.testing.assert_array_equal(policy.without_postprocess().labels(q), raw)
+    kept = DecisionPolicy(["a", "b", "c"], class_weights=weights, tau=1.0, postprocess={2: (1, 0)})
+    np.testing.assert_array_equal(kept.labels(q), raw)  # size 1 is not < 1

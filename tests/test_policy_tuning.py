@@ -1,24 +1,60 @@
-"""`segtrain tune`: objectives against metrics_from_confusion and hand sums, each search against a brute force
-written here, and the command end to end (eval reproduces tune's figures; warnings; several classes)."""
+"""`segtrain tune` (segtrain.policy.tuning): objectives against metrics_from_confusion and hand sums, each search
+against a brute force written here, the folds and the held-out estimate against a hand recomputation, the choice of
+level, and the command end to end (eval reproduces tune's figures exactly; a point is never worse than the untuned
+rule; a point tuned under other settings is not applied; several classes)."""
 
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from segtrain.metrics import ProbabilityHistogram, metrics_from_confusion
-from segtrain.operating_point import equivalent_threshold, prior_adjust
+from segtrain.policy import tuning
+from segtrain.policy.policy import DecisionPolicy
 from segtrain.policy.postprocess import postprocess
-from segtrain.tuning import (SIZE_GRID, TAU_GRID, PostprocessSearch, TauSearch, best_index, confusion,
-                             default_objective, objective_values, threshold_search)
+from segtrain.policy.prior import foreground_cut
+from segtrain.policy.tuning import (BIAS_GRID, BIAS_PENALTY, FOLDS, LEVELS, SIZE_GRID, TAU_GRID, PostprocessSearch,
+                                    TuningData, best_index, bias_search, choose_level, confusion, cross_validate,
+                                    default_objective, fold_assignment, objective_values, searched_levels,
+                                    tau_confusions, threshold_search)
 
 from tests.helpers import (THREE_CLASSES, TINY, invoke, make_stripes_dataset, make_three_class_dataset,
                            write_config)
 
+EDGES = np.arange(1001) / 1000  # the threshold search's candidates: the ProbabilityHistogram's edges
+
 
 def random_cm(rng, k):
     return rng.integers(0, 50, (k, k))
+
+
+def corrected(probs, weights, tau, bias=None):
+    """q_c = p_c w_c**-tau exp(b_c) / sum_j (...), written out here (weights > 0)."""
+    scale = np.asarray(weights, np.float64) ** -float(tau)
+    if bias is not None:
+        scale = scale * np.exp(np.asarray(bias, np.float64))
+    q = np.asarray(probs, np.float64) * scale
+    return q / q.sum(-1, keepdims=True)
+
+
+def hand_f1(cm):
+    """Foreground F1 of a 2 x 2 matrix: 2 tp / (2 tp + fp + fn)."""
+    tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def best_of(values, candidates, prefer):
+    """Index of the highest value, NaN lowest, ties to the candidate nearest `prefer` (first such on a draw)."""
+    values = np.where(np.isnan(values), -np.inf, values)
+    top = [i for i, v in enumerate(values) if v == max(values)]
+    return min(top, key=lambda i: abs(candidates[i] - prefer))
+
+
+# ---------------------------------------------------------------------------- objectives
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -54,6 +90,9 @@ def test_default_objective_and_ties():
     assert best_index(np.array([np.nan, np.nan]), [0.0, 1.0], prefer=0.0) == 0
 
 
+# ---------------------------------------------------------------------------- the searches
+
+
 def scores_and_truth(seed, n=20000):
     """Foreground probabilities that rank positives higher, but not calibrated at 0.5."""
     rng = np.random.default_rng(seed)
@@ -72,23 +111,13 @@ def test_threshold_search_finds_the_brute_force_best_edge(objective):
     threshold, value, cm = threshold_search(histogram, objective, costs)
     valid = truth >= 0
     brute = []
-    for t in np.arange(1001) / 1000:
+    for t in EDGES:
         cm_t = confusion(truth[valid], (p[valid] >= t).astype(np.int64), 2)
         brute.append(objective_values(cm_t, objective, costs)[0])
     brute = np.nan_to_num(np.array(brute), nan=-np.inf)
     assert value == pytest.approx(brute.max(), rel=1e-12)
     np.testing.assert_array_equal(cm, confusion(truth[valid], (p[valid] >= threshold).astype(np.int64), 2))
     assert threshold != 0.5  # these scores are not calibrated at 0.5: the search must move
-
-
-class FakePredictor:
-    """What TauSearch reads from a Predictor."""
-
-    def __init__(self, k, weights, decision="argmax", threshold=None, cost_matrix=None):
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(data=SimpleNamespace(classes=[f"c{i}" for i in range(k)]))
-        self.class_weights, self.decision, self.threshold, self.cost_matrix = weights, decision, threshold, cost_matrix
 
 
 def weighted_model_outputs(seed, k=3, n=6000):
@@ -104,58 +133,73 @@ def weighted_model_outputs(seed, k=3, n=6000):
     return tilted / tilted.sum(-1, keepdims=True), truth, weights
 
 
-def test_tau_search_matches_a_brute_force_over_the_grid_and_undoes_the_tilt():
+def test_tau_confusions_match_a_brute_force_over_the_grid_and_undo_the_tilt():
     probs, truth, weights = weighted_model_outputs(0)
-    search = TauSearch(FakePredictor(3, weights))
-    for chunk in np.array_split(np.arange(len(truth)), 4):  # streamed in pieces
-        search.update(probs[chunk], truth[chunk])
-    tau, value, cm = search.best("iou")
-    brute = [objective_values(confusion(truth, np.argmax(prior_adjust(probs, weights, t), -1), 3), "iou")[0]
-             for t in TAU_GRID]
-    assert value == pytest.approx(max(brute), rel=1e-12)
-    assert brute[TAU_GRID.index(tau)] == max(brute)
+    # the policy's own tau and bias are replaced by each candidate (no bias): they must not leak in
+    policy = DecisionPolicy(["c0", "c1", "c2"], class_weights=list(weights), tau=0.5, bias=[0.0, 0.5, -0.5])
+    chunks = np.array_split(np.arange(len(truth)), 4)  # per image, summed: as TuningData sums them
+    cms = sum(tau_confusions(probs[c], truth[c], policy) for c in chunks)
+    brute = np.stack([confusion(truth, np.argmax(corrected(probs, weights, t), -1), 3) for t in TAU_GRID])
+    np.testing.assert_array_equal(cms, brute)
     # undoing the tilt entirely (tau = 1: the true posteriors' arg-max, the Bayes rule for accuracy) is, up to
     # sampling noise on these 6000 pixels (a binomial sd of about 0.006), as accurate as the best tau, and the
     # uncorrected arg-max is far worse
-    accuracy = 1.0 + objective_values(search.cms, "cost")  # minus the error rate
+    accuracy = 1.0 + objective_values(cms, "cost")  # minus the error rate
     assert accuracy[-1] >= accuracy.max() - 0.01
     assert accuracy[-1] > accuracy[0] + 0.05
 
 
-def test_two_class_tau_agrees_with_the_tuned_threshold():
-    """For two classes a tau is a threshold: the tau search's best equals the threshold search's best over the
-    thresholds the taus reach, and its decisions are the threshold's."""
+def test_two_class_tau_is_a_foreground_cut_on_p():
+    """For two classes a tau is a threshold on p: w_fg**tau / (w_bg**tau + w_fg**tau) (by hand), and every tau's
+    confusion matrix is that threshold's."""
     p, truth = scores_and_truth(5)
     weights = [0.6, 3.5]
     probs = np.stack([1 - p, p], -1)
-    search = TauSearch(FakePredictor(2, weights))
-    search.update(probs, truth)
-    tau, value, cm = search.best("f1")
-    t = equivalent_threshold(weights, tau)
+    policy = DecisionPolicy(["bg", "fg"], class_weights=weights)
+    cms = tau_confusions(probs, truth, policy)
     valid = truth >= 0
-    np.testing.assert_array_equal(cm, confusion(truth[valid], (p[valid] >= t).astype(np.int64), 2))
-    reachable = [equivalent_threshold(weights, x) for x in TAU_GRID]
-    best_by_threshold = max(objective_values(confusion(truth[valid], (p[valid] >= r).astype(np.int64), 2), "f1")[0]
-                            for r in reachable)
-    assert value == pytest.approx(best_by_threshold, rel=1e-12)
+    for i, tau in enumerate(TAU_GRID):
+        cut = 3.5**tau / (0.6**tau + 3.5**tau)
+        assert foreground_cut(0.5, weights, tau) == pytest.approx(cut, rel=1e-12)
+        assert DecisionPolicy(["bg", "fg"], class_weights=weights, tau=tau).foreground_cut() == pytest.approx(cut)
+        np.testing.assert_array_equal(cms[i], confusion(truth[valid], (p[valid] >= cut).astype(np.int64), 2))
 
 
-def test_bias_search_undoes_a_class_that_absorbs_another_and_never_loses():
-    """Probabilities from a model that over-calls class 2 (its score inflated by e**1): the search puts a negative
-    bias on class 2, its value is the recomputed objective of arg-max(log p + b), and it beats no bias."""
-    from segtrain.tuning import BIAS_GRID, bias_search
-
-    rng = np.random.default_rng(2)
-    n, k = 20000, 3
+def skewed_probabilities(seed=2, n=20000, k=3):
+    """Probabilities from a model that over-calls class 2 (its score inflated by e**1)."""
+    rng = np.random.default_rng(seed)
     truth = rng.choice(k, size=n, p=[0.6, 0.3, 0.1])
     scores = rng.normal(0.0, 1.0, (n, k)) + 1.5 * np.eye(k)[truth]
     scores[:, 2] += 1.0  # the skew
-    probs = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
-    bias, value = bias_search(probs, truth, FakePredictor(k, [1.0, 1.0, 1.0]), 0.0, "iou")
+    return np.exp(scores) / np.exp(scores).sum(-1, keepdims=True), truth
+
+
+def test_bias_search_undoes_a_class_that_absorbs_another_and_never_loses():
+    """The search puts a negative bias on class 2, its value is the recomputed objective of arg-max(log p + b), and
+    its penalised score beats no bias."""
+    probs, truth = skewed_probabilities()
+    bias, value = bias_search(probs, truth, DecisionPolicy(["a", "b", "c"], class_weights=[1.0, 1.0, 1.0]), 0.0, "iou")
     assert bias[2] < 0 and all(b in BIAS_GRID for b in bias)
     labels = np.argmax(np.log(probs) + np.asarray(bias), -1)
-    assert value == pytest.approx(objective_values(confusion(truth, labels, k), "iou")[0], rel=1e-12)
-    assert value > objective_values(confusion(truth, np.argmax(probs, -1), k), "iou")[0] + 0.01
+    assert value == pytest.approx(objective_values(confusion(truth, labels, 3), "iou")[0], rel=1e-12)
+    untuned = objective_values(confusion(truth, np.argmax(probs, -1), 3), "iou")[0]
+    assert value - BIAS_PENALTY * np.mean(np.abs(bias)) > untuned + 0.01
+
+
+def test_bias_search_shrinks_toward_no_bias():
+    """Coordinate ascent from b = 0 over a grid holding every current value never lowers the penalised score; a
+    penalty larger than any gain of the objective (at most 1) leaves every bias at 0."""
+    probs, truth = skewed_probabilities(seed=7, n=5000)
+    policy = DecisionPolicy(["a", "b", "c"])
+
+    def penalised(bias, penalty):
+        labels = np.argmax(np.log(probs) + np.asarray(bias), -1)
+        return objective_values(confusion(truth, labels, 3), "iou")[0] - penalty * np.mean(np.abs(bias))
+
+    for penalty in (0.0, BIAS_PENALTY, 0.2):
+        bias, _ = bias_search(probs, truth, policy, 0.0, "iou", penalty=penalty)
+        assert penalised(bias, penalty) >= penalised([0.0, 0.0, 0.0], penalty) - 1e-12
+    assert bias_search(probs, truth, policy, 0.0, "iou", penalty=10.0)[0] == [0.0, 0.0, 0.0]
 
 
 def speckled_maps(seed, n_images=3, size=24):
@@ -188,6 +232,185 @@ def test_postprocess_search_counts_equal_a_recomputation_and_never_lose():
     assert objective_values(recomputed, "iou")[0] > untuned
 
 
+# ---------------------------------------------------------------------------- folds, held-out estimate, level
+
+
+@pytest.mark.parametrize("images", [1, 2, 4, 5, 7, 23])
+def test_fold_assignment_is_a_seeded_balanced_partition(images):
+    folds = fold_assignment(images)
+    n = min(FOLDS, images)
+    assert folds.shape == (images,) and folds.dtype.kind == "i"
+    assert sorted(set(folds.tolist())) == list(range(n))  # every image in exactly one fold, no fold empty
+    counts = np.bincount(folds, minlength=n)
+    assert counts.max() - counts.min() <= 1  # balanced
+    np.testing.assert_array_equal(folds, fold_assignment(images))  # the default seed: the same folds every time
+    np.testing.assert_array_equal(folds, fold_assignment(images, FOLDS, 0))
+    if images == 23:
+        assert not np.array_equal(folds, np.arange(23) % FOLDS)  # shuffled, not the images' order
+        assert not np.array_equal(folds, fold_assignment(23, FOLDS, 1))  # another seed, other folds
+        for seed in range(3):
+            np.testing.assert_array_equal(np.bincount(fold_assignment(23, FOLDS, seed)), [5, 5, 5, 4, 4])
+
+
+def tiny_split(seed, n_images=7, shape=(10, 12), channels=1, k=2):
+    """(pair, image, truth, logits) tuples, as SplitLogits yields them: logits that rank the truth higher but are
+    noisy (so thresholds and post-processing have work to do), a few ignored pixels."""
+    rng = np.random.default_rng(seed)
+    split = []
+    for i in range(n_images):
+        truth = np.zeros(shape, np.int64)
+        truth[2:7, 3 + i % 3: 8 + i % 3] = 1
+        if k == 3:
+            truth[rng.random(shape) < 0.15] = 2
+        logits = rng.normal(0.0, 1.2, shape + (channels,))
+        if channels == 1:
+            logits[..., 0] += 1.3 * truth - 0.4
+        else:
+            logits += 1.3 * np.eye(channels)[truth]
+        truth[0, i % shape[1]] = -1
+        split.append((None, None, truth, logits.astype(np.float32)))
+    return split
+
+
+def hand_threshold_and_sizes(train, objective_of, grid, postprocess_on=True):
+    """The tuned point of images `train` [(truth, q_fg)], written out: the best edge (ties nearest 0.5), then
+    min_size and max_hole over `grid` (ties to the smallest), each by recomputing whole label maps."""
+    values = []
+    for t in EDGES:
+        cm = sum(confusion(truth, (q >= t).astype(np.int64), 2) for truth, q in train)
+        values.append(objective_of(cm))
+    t = EDGES[best_of(np.array(values), EDGES, 0.5)]
+    if not postprocess_on:
+        return t, (0, 0)
+    maps = [(truth, (q >= t).astype(np.int64)) for truth, q in train]
+
+    def score(settings):
+        return objective_of(sum(confusion(truth, postprocess(lab, 1 - lab, settings), 2) for truth, lab in maps))
+
+    n = grid[best_of(np.array([score({1: (g, 0)}) for g in grid]), grid, 0)]
+    m = grid[best_of(np.array([score({1: (n, g)}) for g in grid]), grid, 0)]
+    return t, (n, m)
+
+
+def test_cross_validate_two_classes_equals_a_hand_recomputation():
+    """7 images, 5 folds: for every fold the threshold and the post-processing are searched by brute force on the
+    other folds' images and applied to the fold's; the summed held-out matrices give each level's F1."""
+    split = tiny_split(0)
+    weights, temperature, grid = [0.6, 2.5], 0.8, (0, 2, 4, 8, 16)
+    base = DecisionPolicy(["bg", "fg"], temperature=temperature, class_weights=weights, tau=1.0)
+    data = TuningData(split, base, search_threshold=True, search_tau=False, search_bias=False)
+    estimate = cross_validate(data, "f1", None, True, grid)
+
+    # q by hand: sigmoid(z / T) corrected by the weights
+    images = []
+    for _, _, truth, z in split:
+        p = 1.0 / (1.0 + np.exp(-z[..., 0].astype(np.float64) / temperature))
+        images.append((truth, corrected(np.stack([1 - p, p], -1), weights, 1.0)[..., 1]))
+    folds = fold_assignment(len(split))
+    held_out = {name: np.zeros((2, 2), np.int64) for name in LEVELS}
+    chosen = []
+    for fold in range(FOLDS):
+        train = [images[i] for i in np.flatnonzero(folds != fold)]
+        t, sizes = hand_threshold_and_sizes(train, hand_f1, grid)
+        chosen.append((t, sizes))
+        for i in np.flatnonzero(folds == fold):
+            truth, q = images[i]
+            labels = (q >= t).astype(np.int64)
+            held_out["threshold_or_tau"] += confusion(truth, labels, 2)
+            held_out["class_biases"] += confusion(truth, labels, 2)  # nothing searched at that level: the same
+            held_out["postprocess"] += confusion(truth, postprocess(labels, 1 - labels, {1: sizes}), 2)
+    before = sum(confusion(truth, (q >= 0.5).astype(np.int64), 2) for truth, q in images)
+
+    assert estimate["folds"] == FOLDS and estimate["images"] == 7
+    assert estimate["before"] == pytest.approx(hand_f1(before), rel=1e-12)
+    for name in LEVELS:
+        assert estimate["levels"][name] == pytest.approx(hand_f1(held_out[name]), rel=1e-12), name
+    # the case is not degenerate: thresholds move off 0.5 and post-processing is chosen somewhere
+    assert any(t != 0.5 for t, _ in chosen) and any(sizes != (0, 0) for _, sizes in chosen)
+    assert estimate["levels"]["postprocess"] != estimate["levels"]["threshold_or_tau"]
+
+
+def test_cross_validate_several_classes_tau_equals_a_hand_recomputation():
+    """Three classes, tau searched (no biases, no post-processing): each fold's tau is the brute-force best over
+    TAU_GRID on the other folds (ties to 0), applied to the fold."""
+    split = tiny_split(1, n_images=6, channels=3, k=3)
+    weights = [0.5, 1.5, 6.0]
+    base = DecisionPolicy(["a", "b", "c"], class_weights=weights)
+    data = TuningData(split, base, search_threshold=False, search_tau=True, search_bias=False)
+    estimate = cross_validate(data, "iou", None, False, SIZE_GRID)
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    images = [(truth, softmax(z.astype(np.float64))) for _, _, truth, z in split]
+
+    def mean_iou(cm):
+        tp = np.diag(cm)
+        union = cm.sum(0) + cm.sum(1) - tp
+        return np.mean([tp[c] / union[c] for c in range(3) if union[c] > 0])
+
+    folds = fold_assignment(len(split))
+    held_out = np.zeros((3, 3), np.int64)
+    for fold in range(FOLDS):
+        train = [images[i] for i in np.flatnonzero(folds != fold)]
+        values = [mean_iou(sum(confusion(t, np.argmax(corrected(p, weights, tau), -1), 3) for t, p in train))
+                  for tau in TAU_GRID]
+        tau = TAU_GRID[best_of(np.array(values), TAU_GRID, 0.0)]
+        for i in np.flatnonzero(folds == fold):
+            truth, p = images[i]
+            held_out += confusion(truth, np.argmax(corrected(p, weights, tau), -1), 3)
+    before = sum(confusion(t, np.argmax(p, -1), 3) for t, p in images)
+    assert estimate["before"] == pytest.approx(mean_iou(before), rel=1e-12)
+    for name in LEVELS:  # biases and post-processing not searched: every level is the tau level
+        assert estimate["levels"][name] == pytest.approx(mean_iou(held_out), rel=1e-12), name
+
+
+def test_cross_validate_needs_two_images():
+    data = TuningData(tiny_split(0, n_images=1), DecisionPolicy(["bg", "fg"]), True, False, False)
+    assert cross_validate(data, "f1", None, True, SIZE_GRID) is None
+
+
+def test_tuning_data_score_is_the_exact_rule_eval_applies():
+    """`TuningData.score` (tune's before / after) equals DecisionPolicy.apply under the tuned point applied as
+    resolve_policy applies it, image by image."""
+    split = tiny_split(2)
+    base = DecisionPolicy(["bg", "fg"], temperature=1.3, class_weights=[0.7, 2.0], tau=0.5, postprocess={1: (3, 0)})
+    data = TuningData(split, base, True, False, False)
+    np.testing.assert_array_equal(data.score({}), sum(data.before))
+    tuned = {"threshold": 0.42, "postprocess": {"fg": [4, 3]}}
+    policy = DecisionPolicy(["bg", "fg"], temperature=1.3, class_weights=[0.7, 2.0], tau=0.5, rule="threshold",
+                            threshold=0.42, postprocess={1: (4, 3)})
+    expected = sum(confusion(truth, policy.apply(z)[1], 2) for _, _, truth, z in split)
+    np.testing.assert_array_equal(data.score(tuned), expected)
+    # the configured post-processing stays when the point has none of its own
+    keep = DecisionPolicy(["bg", "fg"], temperature=1.3, class_weights=[0.7, 2.0], tau=0.5, rule="threshold",
+                          threshold=0.42, postprocess={1: (3, 0)})
+    np.testing.assert_array_equal(data.score({"threshold": 0.42}),
+                                  sum(confusion(truth, keep.apply(z)[1], 2) for _, _, truth, z in split))
+
+
+def test_choose_level_picks_the_best_level_only_when_it_beats_the_untuned_rule():
+    estimate = {"before": 0.5, "levels": {"threshold_or_tau": 0.6, "class_biases": 0.6, "postprocess": 0.7}}
+    assert choose_level(estimate, list(LEVELS)) == "postprocess"
+    assert choose_level(estimate, ["threshold_or_tau", "class_biases"]) == "threshold_or_tau"  # tie: fewer settings
+    assert choose_level(estimate, ["threshold_or_tau"]) == "threshold_or_tau"  # only searched levels compete
+    worse = {"before": 0.7, "levels": {"threshold_or_tau": 0.6, "class_biases": 0.65, "postprocess": 0.7}}
+    assert choose_level(worse, list(LEVELS)) is None  # equal is not better
+    undefined = {"before": 0.5, "levels": {"threshold_or_tau": float("nan"), "class_biases": 0.55,
+                                           "postprocess": float("nan")}}
+    assert choose_level(undefined, list(LEVELS)) == "class_biases"  # NaN never wins
+    assert choose_level(None, list(LEVELS)) is None and choose_level(estimate, []) is None
+
+
+def test_searched_levels_name_what_is_searched():
+    data = lambda t, tau, b: SimpleNamespace(search_threshold=t, search_tau=tau, search_bias=b)  # noqa: E731
+    assert searched_levels(data(True, False, False), True) == ["threshold_or_tau", "postprocess"]
+    assert searched_levels(data(False, True, True), True) == list(LEVELS)
+    assert searched_levels(data(False, True, False), False) == ["threshold_or_tau"]
+    assert searched_levels(data(False, False, False), False) == []
+
+
 # ---------------------------------------------------------------------------- the command
 
 
@@ -201,53 +424,170 @@ def stripes_run(tmp_path_factory):
     return work / "run"
 
 
-@pytest.mark.slow
-def test_eval_reproduces_the_tuned_figures_and_reports_the_operating_point(stripes_run, tmp_path):
-    import shutil
-
+def copy_run(stripes_run, tmp_path, **predict):
+    """A copy of the fixture's run, its config.yaml's predict section updated with `predict`."""
     run = tmp_path / "run"
     shutil.copytree(stripes_run, run)
+    if predict:
+        set_predict(run, **predict)
+    return run
+
+
+def set_predict(run, **predict):
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["predict"].update(predict)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def stored_tuned(run):
+    return json.loads((run / "policy.json").read_text())["tuned"]
+
+
+def assert_figures_equal(metrics, figures, fg="stripe"):
+    """eval's metrics.json against tune's before/after figures: the same confusion matrix, hence equal floats."""
+    assert metrics["mean_iou"] == figures["mean_iou"] and metrics["pixel_accuracy"] == figures["pixel_accuracy"]
+    per_class = metrics["per_class"][fg]
+    assert (per_class["dice"], per_class["iou"]) == (figures["f1"], figures["iou"])
+    assert (per_class["precision"], per_class["recall"]) == (figures["precision"], figures["recall"])
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_tuned_figures_and_reports_the_operating_point(stripes_run, tmp_path):
+    run = copy_run(stripes_run, tmp_path)
     result = invoke("tune", run, "--split", "tune", "--objective", "f1")
     assert result.exit_code == 0, result.output
     assert "warning" not in result.output  # "tune" is not the split eval reports
-    point = json.loads((run / "operating_point.json").read_text())
-    assert point["split"] == "tune" and point["objective"] == "f1" and 0.0 <= point["threshold"] <= 1.0
+    point = stored_tuned(run)
+    assert point is not None and point["split"] == "tune" and point["objective"] == "f1"
+    assert 0.0 <= point["threshold"] <= 1.0 and point["level"] in LEVELS
     assert point["after"]["objective"] >= point["before"]["objective"]
+    assert point["under"]["rule"] == "argmax" and point["under"]["prior_correction"] == "none"
     result = invoke("eval", "--checkpoint", run, "--split", "tune")
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "eval_tune" / "metrics.json").read_text())
-    # the same images, probabilities and settings: eval's F1 is tune's "after" exactly
-    assert metrics["per_class"]["stripe"]["dice"] == pytest.approx(point["after"]["f1"], rel=1e-12)
+    # the same images, logits and policy: eval's figures are tune's "after" exactly
+    assert_figures_equal(metrics, point["after"])
     assert metrics["operating_point"]["split"] == "tune" and metrics["decision"]["threshold"] == point["threshold"]
+    assert metrics["decision"]["rule"] == "threshold"
+    assert any("tuned on tune" in s for s in metrics["decision"]["sources"])
     assert "tuned on 'tune'" in metrics["operating_point"]["warning"]  # eval on the tuning split says so
     assert (run / "eval_tune" / "class_iou.png").stat().st_size > 0
-    # the val split: no warning; an explicit --threshold overrides the tuned one
+    # the val split: no warning; an explicit --threshold overrides the tuned one (and says so)
     result = invoke("eval", "--checkpoint", run, "--threshold", "0.5", "--out", tmp_path / "e")
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["decision"]["threshold"] == 0.5 and "warning" not in metrics["operating_point"]
+    assert any("command line" in s for s in metrics["decision"]["sources"])
 
 
 @pytest.mark.slow
 def test_tune_on_the_eval_split_warns_and_predict_applies_it(stripes_run, tmp_path):
-    import shutil
-
-    import yaml
     from PIL import Image
 
-    run = tmp_path / "run"
-    shutil.copytree(stripes_run, run)
+    run = copy_run(stripes_run, tmp_path)
     result = invoke("tune", run, "--no-postprocess")
     assert result.exit_code == 0 and "optimistic" in result.output
-    point = json.loads((run / "operating_point.json").read_text())
-    assert point["postprocess"] == {}
+    point = stored_tuned(run)
+    assert point is not None and point["postprocess"] is None and point["searched"]["sizes"] is None
+    assert point["searched"]["levels"] == ["threshold_or_tau"]
     root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
     image = sorted((root / "val" / "images").glob("*.png"))[0]
     result = invoke("predict", image, "--checkpoint", run, "--out", tmp_path / "p", "--probabilities",
                     "--probabilities-format", "npy")
     assert result.exit_code == 0 and f"threshold {point['threshold']:.4g}" in result.output
-    probs = np.load(tmp_path / "p" / f"{image.stem}.npy")
+    probs = np.load(tmp_path / "p" / f"{image.stem}.npy")  # q: what the rule reads
     mask = np.asarray(Image.open(tmp_path / "p" / f"{image.stem}.png"))
     np.testing.assert_array_equal(mask > 0, probs[..., 1] >= point["threshold"])
+
+
+@pytest.mark.slow
+def test_with_a_configured_min_size_tune_before_is_eval_before_tuning_and_after_is_eval_after(stripes_run, tmp_path):
+    from segtrain.data.discovery import find_pairs
+    from segtrain.data.masks import MaskMapping
+    from segtrain.evaluation import evaluate_run
+    from segtrain.runs import run_config
+
+    run = copy_run(stripes_run, tmp_path, min_size={"stripe": 30, "background": 4}, max_hole={"stripe": 6})
+    result = invoke("eval", "--checkpoint", run, "--split", "tune", "--out", tmp_path / "before")
+    assert result.exit_code == 0, result.output
+    untuned = json.loads((tmp_path / "before" / "metrics.json").read_text())
+    assert untuned["decision"]["postprocess"] == {"background": [4, 0], "stripe": [30, 6]}
+    # the configured post-processing changes the figures (else this test would prove nothing)
+    config = run_config(run)
+    config.predict.min_size, config.predict.max_hole = None, None
+    pairs = find_pairs(config.data.root, "tune")
+    plain = evaluate_run(run / "best.keras", config, pairs, MaskMapping(config.data.mask, config.data.classes),
+                         tmp_path / "plain", "tune", log=quiet)
+    assert plain["confusion_matrix"] != untuned["confusion_matrix"]
+
+    record = tuning.tune_run(run, "tune", "f1", log=quiet)
+    assert_figures_equal(untuned, record["before"])  # tune's "before" is eval's before tuning, exactly
+    assert record["under"]["min_size"] == {"stripe": 30, "background": 4}
+    result = invoke("eval", "--checkpoint", run, "--split", "tune", "--out", tmp_path / "after")
+    assert result.exit_code == 0, result.output
+    tuned = json.loads((tmp_path / "after" / "metrics.json").read_text())
+    assert_figures_equal(tuned, record["after"])  # and its "after" is eval's after tuning
+    if record["level"] == "postprocess":  # tuned sizes replace the configured ones for every class
+        n, m = record["postprocess"]["stripe"]
+        assert tuned["decision"]["postprocess"] == ({"stripe": [n, m]} if n or m else {})
+    elif record["written"]:
+        assert tuned["decision"]["postprocess"] == untuned["decision"]["postprocess"]
+
+
+@pytest.mark.slow
+def test_a_point_tuned_under_one_prior_correction_is_not_applied_under_another(stripes_run, tmp_path):
+    from segtrain.policy.store import resolve_policy
+    from segtrain.runs import run_config
+
+    run = copy_run(stripes_run, tmp_path, prior_correction="weights")
+    record = tuning.tune_run(run, "tune", "f1", postprocess=False, log=quiet)
+    assert record["written"] and record["under"]["prior_correction"] == "weights"
+    messages = []
+    resolved = resolve_policy(run / "best.keras", run_config(run), log=messages.append)
+    assert resolved.tuned is not None and not messages  # the settings it was tuned under: applied
+    assert resolved.policy.threshold == record["threshold"] and resolved.policy.tau == 1.0
+
+    for change in ({"prior_correction": "none"}, {"prior_correction": "tuned"},
+                   {"prior_correction": "weights", "min_size": {"stripe": 5}}):
+        set_predict(run, **change)
+        messages = []
+        resolved = resolve_policy(run / "best.keras", run_config(run), log=messages.append)
+        assert resolved.tuned is None and resolved.policy.rule == "argmax" and resolved.policy.threshold is None
+        stale = [m for m in messages if "chosen under other settings" in m]
+        assert len(stale) == 1, messages
+        key = "prior_correction" if change["prior_correction"] != "weights" else "min_size"
+        assert key in stale[0], stale
+    # eval under the changed config scores the untuned rule and reports no operating point
+    set_predict(run, prior_correction="none", min_size=None)
+    result = invoke("eval", "--checkpoint", run, "--split", "tune", "--out", tmp_path / "e")
+    assert result.exit_code == 0 and "chosen under other settings" in result.output
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["decision"]["rule"] == "argmax" and "operating_point" not in metrics
+    assert metrics["decision"]["prior_correction"]["tau"] == 0.0
+    # back to the settings it was tuned under: applied again
+    set_predict(run, prior_correction="weights")
+    assert resolve_policy(run / "best.keras", run_config(run), log=quiet).tuned is not None
+
+
+@pytest.mark.slow
+def test_tune_never_writes_a_point_worse_than_before(stripes_run, tmp_path, monkeypatch):
+    """A level that the held-out estimate favours but that is worse than the untuned rule on the whole split is not
+    written, and a point stored earlier is removed (it was chosen on other figures)."""
+    run = copy_run(stripes_run, tmp_path)
+    first = tuning.tune_run(run, "tune", "f1", log=quiet)
+    assert first["written"] and stored_tuned(run) is not None
+
+    monkeypatch.setattr(tuning, "cross_validate", lambda data, *a, **k: {
+        "folds": 2, "images": data.images, "before": -1.0, "levels": {name: 1.0 for name in LEVELS}})
+    monkeypatch.setattr(tuning.TuningData, "search", lambda self, *a, **k: [{"threshold": 1.0}] * len(LEVELS))
+    record = tuning.tune_run(run, "tune", "f1", log=quiet)  # threshold 1: hardly any foreground, F1 near 0
+    assert not record["written"] and record["level"] is None and record["threshold"] is None
+    assert record["after"] == record["before"]
+    assert stored_tuned(run) is None
+    assert json.loads((run / "policy.json").read_text())["calibration"] is not None  # the temperature stays
 
 
 @pytest.mark.slow
@@ -258,13 +598,26 @@ def test_several_classes_tune_tau_and_post_processing(tmp_path):
     assert invoke("fit", config, "--out", tmp_path / "run").exit_code == 0
     result = invoke("tune", tmp_path / "run", "--objective", "iou")
     assert result.exit_code == 0, result.output
-    point = json.loads((tmp_path / "run" / "operating_point.json").read_text())
-    assert point["tau"] in TAU_GRID and point["threshold"] is None and len(point["bias"]) == 3
-    assert set(point["postprocess"]) == {"background", "stripe", "square"}
+    assert "optimistic" in result.output  # the default split is val, the one eval reports
+    record = json.loads((tmp_path / "run" / "policy.json").read_text())["tuned"]
+    searched = {"levels": list(LEVELS), "tau": list(TAU_GRID), "sizes": list(tuning.COARSE_SIZE_GRID)}
+    assert record is not None, result.output
+    assert {k: record["searched"][k] for k in searched} == searched  # 3 images < 50: the coarse size grid
+    assert record["searched"]["bias"]["grid"] == list(BIAS_GRID)
+    estimate = record["estimate"]
+    assert estimate["folds"] == 3 and estimate["levels"][record["level"]] == max(estimate["levels"].values())
+    assert estimate["levels"][record["level"]] > estimate["before"]
+    assert record["tau"] in TAU_GRID and record["threshold"] is None
+    if record["level"] != "threshold_or_tau":
+        assert len(record["bias"]) == 3 and all(b in BIAS_GRID for b in record["bias"])
+    if record["level"] == "postprocess":
+        assert set(record["postprocess"]) == {"background", "stripe", "square"}
+    assert record["after"]["objective"] >= record["before"]["objective"]
     assert invoke("eval", "--checkpoint", tmp_path / "run").exit_code == 0
     metrics = json.loads((tmp_path / "run" / "eval_val" / "metrics.json").read_text())
-    assert metrics["decision"]["prior_correction_tau"] == point["tau"]
-    assert metrics["mean_iou"] == pytest.approx(point["after"]["mean_iou"], rel=1e-12)
+    assert metrics["decision"]["prior_correction"]["tau"] == record["tau"]
+    assert metrics["decision"]["prior_correction"]["bias"] == record["bias"]
+    assert metrics["mean_iou"] == record["after"]["mean_iou"]  # exactly: the same confusion matrix
     assert "never_predicted" in metrics
 
 
