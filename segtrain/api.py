@@ -5,7 +5,9 @@ import segtrain
 
 result = segtrain.fit("configs/roads.yaml", overrides=["train.epochs=5"], out="runs/roads5")
 model = segtrain.load(result.run_dir)           # a run folder, a .keras file or an export folder
-prediction = model.predict(image)               # image: H x W (x C) array of raw pixels
+prediction = model.predict("data/val/images/a.tif")  # a file, read as training reads it (16-bit, N-band TIFF)
+prediction = model.predict(image)               # or an H x W (x C) array of raw pixels
+predictions = model.predict(batch)              # an N x H x W x C array (or a list of files): a list of Predictions
 prediction.labels, prediction.probabilities, prediction.mask
 metrics = segtrain.evaluate(result.run_dir, split="val")
 ```
@@ -14,6 +16,7 @@ metrics = segtrain.evaluate(result.run_dir, split="val")
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -87,15 +90,44 @@ class Segmenter:
         self.sample_type = sample_type
         self._mapping = MaskMapping(config.data.mask, config.data.classes)
 
-    def predict(self, image) -> Prediction:
-        """Labels, q (the probabilities the rule reads) and mask of one image: an H x W or H x W x C array of raw
-        pixel values. uint16 arrays of a run trained on b-bit samples (e.g. 12-bit) are scaled by 2**b - 1, as its
-        files were."""
-        from segtrain.data.images import as_model_input
+    def predict(self, image) -> Union[Prediction, list[Prediction]]:
+        """Labels, q (the probabilities the rule reads) and mask of `image` (`predict_input` says what it may be):
+        a Prediction, or a list of them for a batch (an N x H x W x C array or a list of files).
 
-        image = _scaled_to_run(np.asarray(image), self.sample_type)
-        _, probabilities, labels = self._predictor.predict(as_model_input(image, self._predictor.channels))
+        A file is read as training reads it (`segtrain.data.images.read_image`: 16-bit, b-bit and N-band TIFFs by
+        their declared sample type). An array holds raw pixel values: uint16 arrays of a run trained on b-bit
+        samples (e.g. 12-bit) are scaled by 2**b - 1, as its files were."""
+        max_pixels = self.config.data.max_image_pixels
+        return predict_input(image, self._predict_pixels, self._predictor.channels,
+                             self.sample_type, max_pixels)
+
+    def _predict_pixels(self, pixels: np.ndarray) -> Prediction:
+        _, probabilities, labels = self._predictor.predict(pixels)
         return Prediction(labels, probabilities.astype(np.float32), self._mapping.encode(labels))
+
+
+def _is_path(item) -> bool:
+    return isinstance(item, (str, os.PathLike))
+
+
+def predict_input(image, predict_pixels, channels: int, sample_type: str, max_pixels: Optional[int] = None):
+    """What `Segmenter.predict` and `ExportedSegmenter.predict` take, as model input (H x W x channels floats on the
+    0..255 scale) handed to `predict_pixels`:
+
+    - a path (str or Path) of an image file: read by `read_image`, exactly as training reads it, not scaled again;
+    - an H x W or H x W x C array of raw pixel values (`as_model_input`; uint16 of a b-bit run by 2**b - 1);
+    - a batch: an N x H x W x C array, or a list or tuple of paths and/or arrays: a list of Predictions in order.
+    """
+    from segtrain.data.images import DEFAULT_MAX_PIXELS, as_model_input, read_image
+
+    if _is_path(image):
+        return predict_pixels(read_image(Path(image), channels, max_pixels or DEFAULT_MAX_PIXELS))
+    if isinstance(image, (list, tuple)) and image and all(_is_path(i) or isinstance(i, np.ndarray) for i in image):
+        return [predict_input(item, predict_pixels, channels, sample_type, max_pixels) for item in image]
+    array = np.asarray(image)
+    if array.ndim == 4:
+        return [predict_pixels(as_model_input(_scaled_to_run(item, sample_type), channels)) for item in array]
+    return predict_pixels(as_model_input(_scaled_to_run(array, sample_type), channels))
 
 
 def _scaled_to_run(image: np.ndarray, sample_type: str) -> np.ndarray:
@@ -123,15 +155,19 @@ class ExportedSegmenter:
         self._postprocess = {self.classes.index(name): (int(v["min_size"]), int(v["max_hole"]))
                              for name, v in settings.items()}
 
-    def predict(self, image) -> Prediction:
+    def predict(self, image) -> Union[Prediction, list[Prediction]]:
+        """As `Segmenter.predict`: a file path, an H x W (x C) array, or a batch (N x H x W x C array, list of files)
+        giving a list of Predictions."""
+        spec = self.metadata["input"]
+        return predict_input(image, self._predict_pixels, spec["channels"], spec.get("sample_type", "uint8"))
+
+    def _predict_pixels(self, pixels: np.ndarray) -> Prediction:
+        """One image as model input (H x W x channels, 0..255) through the exported graph."""
         import tensorflow as tf
 
-        from segtrain.data.images import as_model_input
         from segtrain.policy.postprocess import postprocess, second_choice
 
         spec = self.metadata["input"]
-        image = _scaled_to_run(np.asarray(image), spec.get("sample_type", "uint8"))
-        pixels = as_model_input(image, spec["channels"])  # 0..255 floats
         top = spec.get("max_value") or np.iinfo(spec["dtype"]).max
         raw = np.clip(np.rint(pixels * (top / 255.0)), 0, top).astype(spec["dtype"])
         out = self._serve(images=tf.constant(raw[None]))

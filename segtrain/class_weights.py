@@ -64,6 +64,9 @@ class ClassCounter:
         self.pixels = None
         """Optional `segtrain.data.normalization.PixelSampler` fed the images' pixel samples by the statistics
         pass (data.normalize: dataset); its statistics go into `class_stats_dict`'s "normalization"."""
+        self.warnings: list[str] = []
+        """Messages about the data from the pass that filled the counter (`segtrain.data.scan.scan_training_set`);
+        `class_stats_dict` adds them to its "warnings"."""
 
     def update(self, mask):
         """Add one image's mask of class indices (IGNORE_INDEX pixels are skipped)."""
@@ -256,7 +259,7 @@ def class_stats_dict(counter, class_names, strategy="none", max_weight=None, wei
         ({class: share}) and "sampled_counts" (expected pixels per crop), and with a pixel sample (`counter.pixels`)
         "normalization" (`segtrain.data.normalization`); `raw_weights` / `class_weights` are
         those of `strategy` (unscaled with null for absent classes / final), `warnings` the messages about
-        absent classes.
+        absent classes, then the counter's own `warnings` (from the pass that filled it).
     """
     class_names = list(class_names)
     counts, image_pixels = counter.counts, counter.image_pixels
@@ -291,7 +294,7 @@ def class_stats_dict(counter, class_names, strategy="none", max_weight=None, wei
         "class_weights_from": weights_from,
         "raw_weights": _json_floats(raw),
         "class_weights": _json_floats(chosen),
-        "warnings": messages,
+        "warnings": messages + list(getattr(counter, "warnings", [])),
     }
     if sampled is not None:
         locations = counter.locations

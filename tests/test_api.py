@@ -121,6 +121,19 @@ def test_a_run_and_its_export_predict_alike_post_processing_included(tmp_path):
     assert changed >= 1  # and the post-processing did change labels (else the agreement would prove little)
     np.testing.assert_array_equal(np.unique(b.mask), np.unique(b.labels))  # values masks: 0, 1, 2
 
+    # both take a file path (str or Path) and a batch: an N x H x W x C array or a list of files
+    paths = sorted((root / "val" / "images").glob("*.png"))
+    for model in (direct, exported):
+        singles = [model.predict(image) for image in images[:3]]
+        batch = model.predict(np.stack(images[:3]))
+        from_files = model.predict([paths[0], str(paths[1]), paths[2]])
+        assert isinstance(batch, list) and len(batch) == 3 and isinstance(from_files, list) and len(from_files) == 3
+        for single, batched, read in zip(singles, batch, from_files):
+            np.testing.assert_array_equal(batched.probabilities, single.probabilities)
+            np.testing.assert_array_equal(read.probabilities, single.probabilities)  # 8-bit files: the same pixels
+            np.testing.assert_array_equal(read.mask, single.mask)
+        np.testing.assert_array_equal(model.predict(str(paths[0])).labels, singles[0].labels)
+
 
 def test_b_bit_arrays_are_scaled_by_their_own_range(tmp_path):
     """A run trained on 12-bit samples reads a uint16 array as v / 4095 of full scale (as its files were read), not
@@ -146,6 +159,17 @@ def test_b_bit_arrays_are_scaled_by_their_own_range(tmp_path):
     np.testing.assert_array_equal(got.probabilities, expected.probabilities)
     assert not np.allclose(loaded.predict(image).probabilities, got.probabilities, atol=1e-3)  # 65535 differs
 
+    # a file is read as training reads it (read_image: a 16-bit PNG by 65535) and not scaled again by the run's
+    # sample type (as_twelve would scale a uint16 array by 4095): the 8-bit picture stored as 16-bit v * 257 predicts
+    # as its 8-bit pixels do
+    eight_bit = root / "val" / "images" / "img00.png"
+    sixteen = tmp_path / "img00_16.png"
+    Image.fromarray(np.array(Image.open(eight_bit).convert("L")).astype(np.uint16) * 257).save(sixteen)
+    gray = loaded.predict(np.array(Image.open(eight_bit).convert("L")))
+    for model in (loaded, as_twelve):
+        np.testing.assert_allclose(model.predict(sixteen).probabilities, gray.probabilities, atol=1e-6)
+        np.testing.assert_allclose(model.predict(str(sixteen)).probabilities, gray.probabilities, atol=1e-6)
+
 
 def test_load_refuses_bad_arrays():
     from segtrain.data.images import as_model_input
@@ -157,3 +181,41 @@ def test_load_refuses_bad_arrays():
     assert gray.shape == (2, 2, 3) and np.allclose(gray, 255.0)
     rgb = as_model_input(np.array([[[255, 0, 0]]], np.uint8), 1)
     assert rgb.shape == (1, 1, 1) and rgb[0, 0, 0] == pytest.approx(0.299 * 255)
+
+
+def test_predict_takes_paths_arrays_and_batches():
+    """`predict_input`, behind both predict methods: what each kind of input becomes before the model (no model)."""
+    from segtrain.api import predict_input
+    from segtrain.errors import DataError
+
+    seen = []
+
+    def fake(pixels):
+        seen.append(pixels)
+        return len(seen)
+
+    image = np.full((4, 5), 4095, np.uint16)
+    assert predict_input(image, fake, 1, "uint12") == 1 and np.allclose(seen[-1], 255.0)  # b-bit arrays: by 2**b - 1
+    assert predict_input(image, fake, 1, "uint16") == 2 and np.allclose(seen[-1], 4095 * 255 / 65535)
+    assert predict_input(np.zeros((3, 4, 5, 1), np.uint8), fake, 1, "uint8") == [3, 4, 5]  # a batch: a list
+    assert seen[-1].shape == (4, 5, 1)
+    assert predict_input([image, image], fake, 1, "uint8") == [6, 7]
+    with pytest.raises(DataError, match="nowhere.png: file not found"):
+        predict_input("nowhere.png", fake, 1, "uint8")
+    with pytest.raises(DataError, match="expected an image array"):
+        predict_input(np.zeros((2, 3, 4, 5, 1)), fake, 1, "uint8")
+
+
+def test_the_package_lists_its_public_names():
+    import segtrain
+
+    public = {"fit", "load", "evaluate", "Prediction", "FitResult", "Segmenter", "ExportedSegmenter", "__version__"}
+    assert set(segtrain.__all__) == public
+    assert public <= set(dir(segtrain))
+    for name in public:
+        assert getattr(segtrain, name) is not None
+    from segtrain.api import Prediction
+
+    assert segtrain.Prediction is Prediction
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        segtrain.nope

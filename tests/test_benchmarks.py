@@ -29,7 +29,7 @@ def final_ratio(lines: list[str]) -> float:
 
 
 @pytest.mark.parametrize("name", ["fit_throughput.py", "pipeline_throughput.py", "memory.py", "predict_throughput.py",
-                                  "step_overhead.py"])
+                                  "step_overhead.py", "eval_speed.py", "plan_memory.py"])
 def test_speed_and_memory_benchmarks_print_a_final_ratio(name):
     lines = run_script(name, "--tiny")
     final_ratio(lines)
@@ -40,7 +40,8 @@ def test_every_benchmark_script_is_covered():
     scripts = {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
     covered = {"fit_throughput.py", "pipeline_throughput.py", "memory.py", "gpu_mixed_precision.py", "quality.py",
                "cost_tradeoff.py", "plain_keras_baseline.py", "predict_throughput.py", "step_overhead.py",
-               "data_variants.py", "prior_correction.py", "operating_point.py"}
+               "data_variants.py", "prior_correction.py", "operating_point.py", "eval_speed.py", "plan_memory.py",
+               "plan_vs_hand.py"}
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
 

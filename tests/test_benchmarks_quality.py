@@ -53,3 +53,10 @@ def test_cost_tradeoff_tiny_prints_the_three_cost_settings():
                                                                           "high fp_cost"]
     assert any(line.startswith("recall high-to-low") for line in lines)
     assert lines[-1].startswith("ratio: ")
+
+
+def test_plan_vs_hand_tiny_prints_both_configs():
+    lines = run_script("plan_vs_hand.py", "--tiny")
+    rows = table_rows(lines, "tiny")
+    assert [r[1].split()[0] for r in rows][-2:] == ["plan", "hand"]
+    assert all(0.0 <= float(r[4]) <= 1.0 for r in rows[-2:])  # mean IoU

@@ -52,3 +52,37 @@ def test_missing_or_empty_folders(tmp_path, layout):
     with pytest.raises(DataError) as info:
         find_pairs(root, "train")
     assert str(root) in info.value.message
+
+
+def test_an_empty_split_says_where_it_looked_what_it_accepts_and_how_pairs_match(tmp_path):
+    images = tmp_path / "train" / "images"
+    images.mkdir(parents=True)
+    (tmp_path / "train" / "masks").mkdir()
+    with pytest.raises(DataError) as info:
+        find_pairs(tmp_path, "train")
+    message = info.value.message
+    assert message.startswith(f"{images}: no images found. Looked for .bmp, .jpeg, .jpg, .png, .tif, .tiff files")
+    assert "subfolders are not searched" in message and "holds" not in message
+    assert f"the mask of the same file stem in {tmp_path / 'train' / 'masks'}" in message
+    # images one level down: named, with the fix
+    write_pair(tmp_path / "train" / "images", "batch1", "a", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"it holds 1 subfolder: batch1; move the images up"):
+        find_pairs(tmp_path, "train")
+
+
+def test_predict_with_no_images_names_the_extensions_and_the_subfolder_rule(tmp_path):
+    from segtrain.predict import collect_images
+
+    empty = tmp_path / "empty"
+    (empty / "nested").mkdir(parents=True)
+    (empty / "notes.txt").write_text("x")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(empty / "nested" / "a.png")
+    with pytest.raises(DataError) as info:
+        collect_images([str(empty)])
+    message = info.value.message
+    assert message.startswith(f"{empty}: no images found. Looked for .bmp, .jpeg, .jpg, .png, .tif, .tiff files")
+    assert "subfolders are not searched (it holds 1 subfolder: nested" in message
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError, match=r"no images found in .*empty, .*other: looked for .bmp, .* subfolders are not"):
+        collect_images([str(empty), str(tmp_path / "other")])
+    assert collect_images([str(empty / "nested")]) == [(empty / "nested" / "a.png").resolve()]

@@ -53,7 +53,9 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
     images = list_images(split_dir / "images")
     masks = list_images(split_dir / "masks", MASK_SUFFIXES, "mask")
     if not images:
-        raise DataError(f"{split_dir / 'images'}: no images found. Put PNG, JPEG or TIFF images there.")
+        raise DataError(empty_folder_message(split_dir / "images", IMAGE_SUFFIXES) + (
+            f" Each image pairs with the mask of the same file stem in {split_dir / 'masks'} (a.jpg with a.png; "
+            f"masks: {suffix_list(MASK_SUFFIXES)})."))
     lonely_images = sorted(set(images) - set(masks))
     if lonely_images:
         raise DataError(
@@ -67,6 +69,23 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
             f"{_more(lonely_masks)}. Add the image or remove the mask."
         )
     return [Pair(images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def suffix_list(suffixes) -> str:
+    return ", ".join(sorted(suffixes))
+
+
+def empty_folder_message(folder: Path, suffixes=IMAGE_SUFFIXES) -> str:
+    """"no images found" for `folder`: the extensions looked for, and that subfolders are not searched (naming a few
+    when there are some)."""
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if folder.is_dir() else []
+    text = (f"{folder}: no images found. Looked for {suffix_list(suffixes)} files (any case) directly in this "
+            "folder; subfolders are not searched")
+    if subfolders:
+        shown = ", ".join(subfolders[:3]) + (", ..." if len(subfolders) > 3 else "")
+        text += f" (it holds {len(subfolders)} subfolder{'s' if len(subfolders) > 1 else ''}: {shown}; move the images up)"
+    return text + "."
 
 
 def _more(stems: list[str]) -> str:

@@ -60,33 +60,42 @@ class MaskMapping:
         return f"values 0..{self.num_classes - 1} (identity; set data.mask.values or threshold otherwise)"
 
     def to_classes(self, raw: np.ndarray, source: Path | str = "mask") -> np.ndarray:
-        """int32 H x W class indices; raises DataError naming the file if a value is not covered."""
+        """int32 H x W class indices; raises DataError naming the file and every value (colour) it holds that the
+        config does not cover, with their pixel counts."""
+        out, unmapped = self.classes_and_unmapped(raw, source)
+        if unmapped:
+            raise DataError(unmapped_message(self, {key: (count, source) for key, count in unmapped.items()},
+                                             files=1, where=str(source)))
+        return out
+
+    def classes_and_unmapped(self, raw: np.ndarray, source: Path | str = "mask") -> tuple[np.ndarray, dict]:
+        """(int32 H x W class indices, {raw value or (r, g, b) colour: pixels} of what the config does not cover).
+
+        Uncovered pixels are IGNORE_INDEX in the class indices, so a pass can keep counting and report every
+        uncovered value of a data set at once (`segtrain.data.scan.scan_pairs`)."""
         if self.rgb:
             if raw.ndim != 3:
                 raise DataError(f"{source}: expected an RGB mask for data.mask.palette.")
-            code = (raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2]
+            code = _colour_codes(raw)
             out = np.full(code.shape, _UNMAPPED, dtype=np.int32)
             for colour, cls in self.colours.items():
-                out[code == (colour[0] << 16 | colour[1] << 8 | colour[2])] = cls
+                out[code == _colour_code(colour)] = cls
             for colour in self.ignore_colours:
-                out[code == (colour[0] << 16 | colour[1] << 8 | colour[2])] = IGNORE_INDEX
+                out[code == _colour_code(colour)] = IGNORE_INDEX
             bad = out == _UNMAPPED
-            if bad.any():
-                y, x = np.argwhere(bad)[0]
-                raise DataError(
-                    f"{source}: colour {tuple(int(c) for c in raw[y, x])} at row {y}, column {x} is in no "
-                    "data.mask.palette entry. Add it to the palette or to data.mask.ignore."
-                )
-            return out
-        out = self.table[raw]
-        if (out == _UNMAPPED).any():
-            unmapped = sorted(int(v) for v in np.unique(raw[out == _UNMAPPED]))
-            shown = ", ".join(map(str, unmapped[:10])) + (" ..." if len(unmapped) > 10 else "")
-            raise DataError(
-                f"{source}: mask values {shown} are not covered by data.mask ({self.describe()}). "
-                "Map them in data.mask.values, use data.mask.threshold, or list them in data.mask.ignore."
-            )
-        return out
+            if not bad.any():
+                return out, {}
+            codes, counts = np.unique(code[bad], return_counts=True)
+            unmapped = {_code_colour(int(c)): int(n) for c, n in zip(codes, counts)}
+        else:
+            out = self.table[raw]
+            bad = out == _UNMAPPED
+            if not bad.any():
+                return out, {}
+            values, counts = np.unique(raw[bad], return_counts=True)
+            unmapped = {int(v): int(n) for v, n in zip(values, counts)}
+        out[bad] = IGNORE_INDEX
+        return out, unmapped
 
     def encode(self, classes: np.ndarray) -> np.ndarray:
         """Class indices back to the training masks' encoding (uint8 H x W, uint16 when a class's raw value exceeds
@@ -110,3 +119,79 @@ class MaskMapping:
             else:
                 lut[cls] = raws.min()
         return lut.astype(np.uint16 if lut.max() > 255 else np.uint8)[classes]
+
+
+MAX_LISTED = 10
+"""Uncovered values (colours) an error lists, the most frequent first."""
+
+
+def _colour_codes(raw: np.ndarray) -> np.ndarray:
+    return (raw[..., 0].astype(np.int64) << 16) | (raw[..., 1].astype(np.int64) << 8) | raw[..., 2].astype(np.int64)
+
+
+def _colour_code(colour) -> int:
+    return int(colour[0]) << 16 | int(colour[1]) << 8 | int(colour[2])
+
+
+def _code_colour(code: int) -> tuple[int, int, int]:
+    return (code >> 16) & 255, (code >> 8) & 255, code & 255
+
+
+class UnmappedTally:
+    """Every raw value (colour) the config does not cover, over many masks: its total pixels and the first file
+    (in the order added) holding it; `files` counts the masks holding any, `first` is the first of them."""
+
+    def __init__(self):
+        self.found: dict = {}
+        self.files = 0
+        self.first = None
+
+    def add(self, unmapped: dict, source: Path | str) -> None:
+        if not unmapped:
+            return
+        self.files += 1
+        if self.first is None:
+            self.first = source
+        for key, count in unmapped.items():
+            total, first = self.found.get(key, (0, source))
+            self.found[key] = (total + count, first)
+
+    def __bool__(self) -> bool:
+        return bool(self.found)
+
+    def error(self, mapping: MaskMapping, where: str) -> DataError:
+        return DataError(unmapped_message(mapping, self.found, self.files, where))
+
+
+def unmapped_message(mapping: MaskMapping, found: dict, files: int, where: str) -> str:
+    """The error for values (colours) the config does not cover: `found` maps each to (pixels, a file holding it),
+    `files` is how many masks hold any, `where` the file (one mask) or folder named first. At most MAX_LISTED are
+    listed, the most pixels first, each with its pixels and a file; then how to cover them."""
+    ranked = sorted(found.items(), key=lambda item: (-item[1][0], item[0]))
+    kind = "colour" if mapping.rgb else "value"
+
+    def shown(key) -> str:
+        return f"({key[0]}, {key[1]}, {key[2]})" if mapping.rgb else str(key)
+
+    total = sum(count for count, _ in found.values())
+    head = ", ".join(shown(key) for key, _ in ranked[:MAX_LISTED]) + (" ..." if len(ranked) > MAX_LISTED else "")
+    lines = [
+        f"{where}: mask {kind}s {head} are not covered by data.mask ({mapping.describe()}).",
+        f"{len(ranked)} {kind}{'s' if len(ranked) > 1 else ''}, {total} pixel{'s' if total > 1 else ''} in "
+        f"{files} mask{'s' if files > 1 else ''}, the most pixels first:",
+    ]
+    for key, (count, source) in ranked[:MAX_LISTED]:
+        lines.append(f"  {shown(key)}: {count} pixel{'s' if count > 1 else ''}, e.g. {source}")
+    if len(ranked) > MAX_LISTED:
+        rest = ranked[MAX_LISTED:]
+        lines.append(f"  ... and {len(rest)} more ({sum(c for _, (c, _) in rest)} pixels)")
+    if mapping.rgb:
+        lines.append("Add each colour that is a class to data.mask.palette (class name: [r, g, b]), or list it in "
+                     "data.mask.ignore (ignore: [[r, g, b], ...]) to leave its pixels out of the loss and the metrics. "
+                     "Many rare colours usually mean anti-aliased or JPEG-saved masks: save the masks as PNG without "
+                     "smoothing.")
+    else:
+        lines.append("Map each in data.mask.values (raw value: class index), use data.mask.threshold for soft 0..255 "
+                     "masks, or list them in data.mask.ignore (ignore: [255]) to leave their pixels out of the loss "
+                     "and the metrics.")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""`segtrain plan` + a time budget against the shipped hand-written config at the same budget.
+
+For each shared data set: `segtrain plan` writes a config from the data (CPU, the budget given), the shipped
+`configs/<set>.yaml` gets the same `train.budget`, and both train with `fit` (best.keras picked on val, as fit
+does). Prints, per set and config, the minutes of training actually used, the planned steps and the val split's
+mean IoU and foreground IoU (two classes) or pixel accuracy (several), whole images, the policy fit leaves (one
+temperature, argmax). One seed: differences of a point or two are within seed noise.
+
+    python benchmarks/plan_vs_hand.py --sets membrane,crackforest --budget 10m
+    python benchmarks/plan_vs_hand.py --tiny        # a seconds-long smoke run on a synthetic set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, SHARED_DATASETS, fmt, load_average, machine_line, write_dataset  # noqa: E402
+
+QUIET = lambda *a, **k: None  # noqa: E731
+
+
+def plan_config(root: Path, budget: str, out: Path) -> Path:
+    """The planned config for `root` (CPU) written to `out`."""
+    from segtrain.planning.fingerprint import fingerprint
+    from segtrain.planning.plan import make_plan
+    from segtrain.planning.units import parse_budget
+    from segtrain.planning.writer import write_plan
+
+    ignore = [11] if root.name == "camvid" else None  # CamVid's void is an ordinary id: its README names it
+    write_plan(make_plan(fingerprint(root, ignore=ignore), "cpu", None, parse_budget(budget)), out)
+    return out
+
+
+def fit(config_path: Path, budget: str, run_dir: Path, extra=()) -> dict:
+    """fit with train.budget; the run's metrics.json plus minutes of training and the planned steps."""
+    from segtrain.api import fit as fit_run
+
+    start = time.perf_counter()
+    result = fit_run(config_path, [f"train.budget={budget}", *extra], out=run_dir, overwrite=True, log=QUIET)
+    metrics = dict(result.metrics)
+    plan = json.loads((run_dir / "budget.json").read_text())
+    metrics["wall_minutes"] = (time.perf_counter() - start) / 60
+    metrics["train_minutes"] = metrics["wall_minutes"] - metrics.get("post_training_seconds", 0.0) / 60
+    metrics["planned_steps"] = plan["total_steps"]
+    return metrics
+
+
+def row(name: str, config: str, metrics: dict) -> str:
+    classes = list(metrics["per_class"])
+    fg = metrics["per_class"][classes[1]]["iou"] if len(classes) == 2 else None
+    return (f"| {name} | {config} | {metrics['train_minutes']:.1f} | {metrics['planned_steps']} | "
+            f"{fmt(metrics['mean_iou'])} | {fmt(fg)} | {fmt(metrics['pixel_accuracy'])} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default="membrane,epfl_roads,crackforest,camvid")
+    parser.add_argument("--budget", default="10m")
+    parser.add_argument("--out", type=Path, help="keep the configs and run folders here (default: a temp folder)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: a synthetic set, a few-second budget")
+    args = parser.parse_args()
+
+    print(machine_line(), flush=True)
+    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_plan_vs_hand_")
+    out = args.out or Path(tmp.name)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| set | config | training minutes | steps | mean IoU | foreground IoU | pixel acc. |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    try:
+        if args.tiny:
+            sets = {"tiny": write_dataset(out / "tiny", 6, 4, 64)}
+            budget = "5s"
+        else:
+            sets = {name: SHARED_DATASETS / name for name in args.sets.split(",")}
+            budget = args.budget
+        for name, root in sets.items():
+            planned = plan_config(root, budget, out / f"{name}_planned.yaml")
+            hand = REPO / "configs" / ("roads.yaml" if args.tiny else f"{name}.yaml")
+            extra = [f"data.root={root}"] if args.tiny else []
+            for label, config in (("plan", planned), ("hand", hand)):
+                metrics = fit(config, budget, out / f"run_{name}_{label}", extra if label == "hand" else ())
+                lines.append(row(name, f"{label} ({config.name})", metrics))
+                print(lines[-1], f"[{load_average()}]", flush=True)
+        print()
+        print(f"budget {budget} per run; val split, whole images, the policy fit leaves (one temperature, argmax)")
+        print("\n".join(lines))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
