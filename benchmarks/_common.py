@@ -299,7 +299,7 @@ def timed_run_fit(config, run_dir: Path) -> dict:
 
 
 def evaluate_model_file(model_path: Path, split: str = "val") -> dict:
-    """`segtrain eval --checkpoint MODEL.keras --split val`, in process."""
+    """`segtrain eval MODEL.keras --split val`, in process."""
     from segtrain.evaluation import evaluate_checkpoint
 
     return evaluate_checkpoint(str(model_path), None, split, Path(model_path).parent / f"eval_{Path(model_path).stem}",

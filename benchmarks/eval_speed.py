@@ -327,7 +327,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     parser.add_argument("--build-run", default=None, metavar="DIR",
                         help="only build the fake run folder (DIR/run, its data subset in DIR/data) and stop: for "
-                             "profiling `segtrain eval --checkpoint DIR/run` on its own")
+                             "profiling `segtrain eval DIR/run` on its own")
     parser.add_argument("--before-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--split", default="val", help=argparse.SUPPRESS)
     args = parser.parse_args()

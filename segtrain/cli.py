@@ -31,17 +31,84 @@ def _import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+COMMAND_ORDER = ("plan", "stats", "fit", "eval", "calibrate", "tune", "predict", "export")
+"""The commands in the order of the work, as `segtrain --help` lists them."""
+
+
+class WorkOrderGroup(click.Group):
+    """A group that lists its commands in the order of the work (COMMAND_ORDER), not alphabetically."""
+
+    def list_commands(self, ctx):
+        known = [name for name in COMMAND_ORDER if name in self.commands]
+        return known + sorted(set(self.commands) - set(known))
+
+
+@click.group(cls=WorkOrderGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="segtrain")
 def cli():
-    """Train U-Net segmentation models on imbalanced, cost-sensitive data from one YAML config."""
+    """Train U-Net segmentation models on imbalanced, cost-sensitive data from one YAML config.
+
+    Commands that read a trained run take it first: segtrain eval RUN, segtrain predict RUN IMAGES...,
+    segtrain calibrate RUN, segtrain tune RUN, segtrain export RUN (RUN: a run folder written by fit)."""
 
 
-@cli.command()
+def run_argument(command):
+    """RUN, the first positional argument of every command that reads a trained run."""
+    return click.argument("run", metavar="RUN", required=False, type=click.Path())(command)
+
+
+def checkpoint_alias(command):
+    """--checkpoint, the old spelling of RUN on eval and predict: hidden, still accepted, with a note."""
+    return click.option("--checkpoint", type=click.Path(), hidden=True,
+                        help="Deprecated: pass the run folder as RUN, the first argument.")(command)
+
+
+def run_overrides(command):
+    """--set on the commands that read a run: predict.* settings of the run's config, for this command only."""
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Change a predict.* setting of the run's config for this command only, e.g. --set predict.tta=true or "
+             "--set predict.tuned=false (repeatable; config.yaml is not changed; other keys were fixed by training)."
+    )(command)
+
+
+def _open_run(command: str, run, checkpoint=None, overrides=(), usage: str = "RUN"):
+    """Resolve the run (RUN or the deprecated --checkpoint) and its config with `overrides`, before TensorFlow
+    loads; print the model file used and each override. Returns (model file, run folder, config)."""
+    from segtrain.runs import describe_overrides, newest_run_hint, resolve_checkpoint, run_config
+
+    if checkpoint is not None:
+        if run is not None:
+            raise click.UsageError(f"the run is given twice ({run} and --checkpoint {checkpoint}); pass it once, "
+                                   f"first: segtrain {command} {usage}.")
+        click.echo(f"note: --checkpoint is deprecated; pass the run first: segtrain {command} {checkpoint} ...",
+                   err=True)
+        run = checkpoint
+    if run is None:
+        raise click.UsageError(f"missing RUN: name the run first, segtrain {command} {usage} ({newest_run_hint()}).")
+    model_path, run_dir = resolve_checkpoint(run)
+    config = run_config(run_dir, overrides)
+    click.echo(f"Using {model_path} (run {run_dir})")
+    for line in describe_overrides(run_dir, overrides):
+        click.echo(line)
+    return model_path, run_dir, config
+
+
+def _check_split(config, data_root, split) -> str:
+    """The split a command reads (default: the run's data.val_split), its folders checked before TensorFlow loads."""
+    from segtrain.data.discovery import find_pairs
+
+    split = split or config.data.val_split
+    find_pairs(data_root if data_root is not None else config.data.root, split)
+    return split
+
+
+@cli.command(short_help="Train a model from CONFIG; write a run folder.")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value by dotted path, e.g. --set train.epochs=2 (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<config name>).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="The run folder to write (default: runs/<config file name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--budget", metavar="DURATION",
@@ -61,54 +128,99 @@ def fit(config_path, overrides, out, resume, overwrite, budget):
                f"Mean IoU on {result.val_split}: {shown}")
 
 
-@cli.command("eval")
-@click.option("--checkpoint", type=click.Path(), help="Run folder or .keras file (default: newest run under runs/).")
+DECISION_HELP = "Decision rule (default: the run's predict.decision, argmax unless set)."
+THRESHOLD_HELP = "Foreground probability threshold (two classes); implies --decision threshold."
+TTA_HELP = "Average over flips (default: the run's predict.tta, off unless set)."
+
+
+@cli.command("eval", short_help="Per-class metrics of a run on a labelled split.")
+@run_argument
+@checkpoint_alias
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Data set root (default: the run's data.root).")
 @click.option("--split", help="Split folder to evaluate (default: the run's data.val_split).")
-@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: RUN/eval_<split>).")
-@click.option("--decision", type=click.Choice(["argmax", "cost", "threshold"]), help="Decision rule (default: the config's).")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Foreground probability threshold (two classes); implies --decision threshold.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Report folder for metrics.json, per_class.csv, per_image.csv and the plots (default: "
+                   "RUN/eval_<split>).")
+@click.option("--decision", type=click.Choice(["argmax", "cost", "threshold"]), help=DECISION_HELP)
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=THRESHOLD_HELP)
 @click.option("--relaxed", "relaxed_rho", type=click.FloatRange(min=0), metavar="RHO",
               help="Also report relaxed precision/recall: a hit within RHO pixels counts (thin structures).")
-@click.option("--tta/--no-tta", default=None, help="Average over flips (default: the config's predict.tta).")
+@click.option("--tta/--no-tta", default=None, help=TTA_HELP)
 @click.option("--worst", type=click.IntRange(min=0), default=6, show_default=True, metavar="K",
               help="Rows of worst_images.png: the K images of lowest mean foreground IoU (0: no gallery).")
-def eval_command(checkpoint, data_root, split, out, decision, threshold, relaxed_rho, tta, worst):
-    """Per-class and per-image metrics of a trained model on a labelled split."""
+@run_overrides
+def eval_command(run, checkpoint, data_root, split, out, decision, threshold, relaxed_rho, tta, worst, overrides):
+    """Per-class and per-image metrics of RUN's model on a labelled split.
+
+    RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
+    decision = _decision_from_options(decision, threshold)
+    model_path, _, config = _open_run("eval", run, checkpoint, overrides)
+    split = _check_split(config, data_root, split)
     _import_tensorflow_quietly()
     from segtrain.evaluation import evaluate_checkpoint
 
-    decision = _decision_from_options(decision, threshold)
-    evaluate_checkpoint(checkpoint, data_root, split, Path(out) if out else None, decision, threshold, relaxed_rho,
-                        worst=worst, tta=tta)
+    evaluate_checkpoint(str(model_path), data_root, split, Path(out) if out else None, decision, threshold,
+                        relaxed_rho, worst=worst, tta=tta, overrides=overrides)
 
 
-@cli.command(short_help="Write one mask per image.")
-@click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--checkpoint", type=click.Path(), help="Run folder or .keras file (default: newest run under runs/).")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: RUN/predictions).")
-@click.option("--decision", type=click.Choice(["argmax", "cost", "threshold"]), help="Decision rule (default: the config's).")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Foreground probability threshold (two classes); implies --decision threshold.")
-@click.option("--tta/--no-tta", default=None, help="Average over flips (default: the config's predict.tta).")
+@cli.command(short_help="Write one mask per image with a run's model.")
+@click.argument("paths", nargs=-1, metavar="RUN IMAGES...", type=click.Path())
+@checkpoint_alias
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Mask folder (default: RUN/predictions); created when missing, masks of the same name replaced.")
+@click.option("--decision", type=click.Choice(["argmax", "cost", "threshold"]), help=DECISION_HELP)
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=THRESHOLD_HELP)
+@click.option("--tta/--no-tta", default=None, help=TTA_HELP)
 @click.option("--probabilities", is_flag=True, help="Also write the class probabilities (see --probabilities-format).")
 @click.option("--probabilities-format", type=click.Choice(["png", "npy"]), default=None,
               help="png (default): <stem>_prob_<class>.png, 8-bit 0..255; npy: <stem>.npy, float32 H x W x K, "
                    "exact. Implies --probabilities.")
 @click.option("--overlay", is_flag=True, help="Also write a colour overlay of the mask on the image.")
-def predict(images, checkpoint, out, decision, threshold, tta, probabilities, probabilities_format, overlay):
-    """Write one mask per image in IMAGES (files or folders): same stem, same size, training encoding."""
-    _import_tensorflow_quietly()
-    from segtrain.predict import collect_images, predict_images
+@run_overrides
+def predict(paths, checkpoint, out, decision, threshold, tta, probabilities, probabilities_format, overlay, overrides):
+    """Write one mask per image in IMAGES (files or folders) with RUN's model: same stem, same size, training
+    encoding.
+
+    RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
+    from segtrain.runs import is_run_path
 
     decision = _decision_from_options(decision, threshold)
-    predict_images(collect_images(list(images)), checkpoint, Path(out) if out else None, decision, threshold, tta,
+    run, images = _split_run_and_images(paths, checkpoint, is_run_path)
+    model_path, run_dir, _ = _open_run("predict", run, checkpoint, overrides, usage="RUN IMAGES...")
+    from segtrain.predict import _check_outputs, collect_images
+
+    found = collect_images(list(images))
+    out_dir = Path(out) if out else run_dir / "predictions"
+    _check_outputs(found, out_dir)
+    _import_tensorflow_quietly()
+    from segtrain.predict import predict_images
+
+    predict_images(found, str(model_path), out_dir, decision, threshold, tta,
                    probabilities or probabilities_format is not None, overlay,
-                   probabilities_format=probabilities_format or "png")
+                   probabilities_format=probabilities_format or "png", overrides=overrides)
 
 
-@cli.command(short_help="Check the data set and print class statistics and weights.")
+def _split_run_and_images(paths, checkpoint, is_run_path):
+    """(RUN, IMAGES) from predict's arguments: RUN first, or every argument an image with the old --checkpoint."""
+    from segtrain.runs import newest_run_hint
+
+    if checkpoint is not None:
+        if paths and is_run_path(paths[0]):
+            raise click.UsageError(f"the run is given twice ({paths[0]} and --checkpoint {checkpoint}); pass it "
+                                   "once, first: segtrain predict RUN IMAGES...")
+        run, images = None, paths
+    elif not paths or (Path(paths[0]).exists() and not is_run_path(paths[0])):
+        shown = " ".join(paths) or "IMAGES..."
+        raise click.UsageError(f"missing RUN: name the run first, segtrain predict RUN {shown} ({newest_run_hint()}).")
+    else:
+        run, images = paths[0], paths[1:]
+    if not images:
+        raise click.UsageError("missing IMAGES: name the images (files or folders) after the run, "
+                               "segtrain predict RUN IMAGES...")
+    return run, images
+
+
+@cli.command(short_help="Check the data; print class counts and weights.")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value by dotted path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
@@ -134,33 +246,51 @@ def stats(config_path, overrides, as_json):
 
 
 @cli.command(short_help="Export a run as SavedModel, ONNX or TFLite.")
-@click.argument("run", type=click.Path(exists=True))
+@run_argument
 @click.option("--format", "fmt", type=click.Choice(["saved_model", "onnx", "tflite"]), default="saved_model",
               show_default=True, help="Model format (onnx and tflite need `pip install segtrain[export]`).")
-@click.option("--out", type=click.Path(file_okay=False), help="Export folder (default: RUN/export/<format>).")
-def export(run, fmt, out):
-    """Export RUN (a run folder or .keras file) with its decision rule and metadata.json."""
+@click.option("--out", type=click.Path(file_okay=False),
+              help="A new folder to export into (default: RUN/export/<format>); refused when it exists and is not "
+                   "empty, unless --overwrite.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing export folder, once the new export is written completely (a failed export "
+                   "keeps the old one).")
+@run_overrides
+def export(run, fmt, out, overwrite, overrides):
+    """Export RUN's model with its decision rule and metadata.json.
+
+    RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
+    from segtrain.export import check_export_folder
+
+    model_path, run_dir, _ = _open_run("export", run, overrides=overrides)
+    out_dir = Path(out) if out else run_dir / "export" / fmt
+    check_export_folder(out_dir, overwrite)
     _import_tensorflow_quietly()
     from segtrain.export import export_run
 
-    export_run(Path(run), fmt, Path(out) if out else None, log=click.echo)
+    export_run(model_path, fmt, out_dir, log=click.echo, overwrite=overwrite, overrides=overrides)
 
 
-@cli.command(short_help="Fit the run's temperature (calibration) on a labelled split.")
-@click.argument("run", type=click.Path(exists=True))
+@cli.command(short_help="Fit a run's temperature on a labelled split.")
+@run_argument
 @click.option("--split", help="Labelled split to fit on (default: the run's data.val_split).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Data set root (default: the run's data.root).")
-def calibrate(run, split, data_root):
+@run_overrides
+def calibrate(run, split, data_root, overrides):
     """Fit temperature scaling (one T, or one per class where that helps on held-out images) for RUN's model on a
-    labelled split and store it in RUN/policy.json."""
+    labelled split and store it in RUN/policy.json.
+
+    RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
+    model_path, _, config = _open_run("calibrate", run, overrides=overrides)
+    split = _check_split(config, data_root, split)
     _import_tensorflow_quietly()
     from segtrain.policy.calibrate import calibrate_run
 
-    calibrate_run(run, split, data_root, log=click.echo)
+    calibrate_run(str(model_path), split, data_root, log=click.echo, overrides=overrides)
 
 
-@cli.command(short_help="Tune the decision (threshold or prior correction, post-processing) on a labelled split.")
-@click.argument("run", type=click.Path(exists=True))
+@cli.command(short_help="Choose a run's operating point on a labelled split.")
+@run_argument
 @click.option("--split", help="Labelled split to tune on (default: the run's data.val_split; then eval on it is optimistic).")
 @click.option("--objective", type=click.Choice(["f1", "iou", "cost"]),
               help="What to maximise: foreground (two classes) or mean F1 / IoU, or least mean cost "
@@ -168,18 +298,23 @@ def calibrate(run, split, data_root):
 @click.option("--postprocess/--no-postprocess", default=True, show_default=True,
               help="Also choose per-class post-processing (remove small components, fill small holes).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Data set root (default: the run's data.root).")
-def tune(run, split, objective, postprocess, data_root):
+@run_overrides
+def tune(run, split, objective, postprocess, data_root, overrides):
     """Choose RUN's operating point on a labelled split, check it on held-out images of that split, and store it in
     RUN/policy.json when it beats the untuned rule there: the threshold (two classes) or, with
     predict.prior_correction: tuned, the prior-correction tau (and with several classes one bias per class), and
-    per class the post-processing. eval, predict and export then apply it."""
+    per class the post-processing. eval, predict and export then apply it.
+
+    RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
+    model_path, _, config = _open_run("tune", run, overrides=overrides)
+    split = _check_split(config, data_root, split)
     _import_tensorflow_quietly()
     from segtrain.policy.tuning import tune_run
 
-    tune_run(run, split, objective, postprocess, data_root, log=click.echo)
+    tune_run(str(model_path), split, objective, postprocess, data_root, log=click.echo, overrides=overrides)
 
 
-@cli.command(short_help="Plan a config from the data set itself.")
+@cli.command(short_help="Write a config planned from the data set itself.")
 @click.argument("data_root", metavar="DATA_ROOT", type=click.Path())
 @click.option("--out", type=click.Path(dir_okay=False, allow_dash=True), metavar="CONFIG",
               help="Config file to write; never replaced (default: configs/<DATA_ROOT's folder name>.yaml under the "

@@ -31,7 +31,7 @@ that mark's figures.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import click
 import numpy as np
@@ -287,13 +287,14 @@ def _fmt(value) -> str:
 def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], split: Optional[str],
                         out_dir: Optional[Path], decision: Optional[str] = None, threshold: Optional[float] = None,
                         relaxed_rho: Optional[float] = None, log=click.echo, worst: int = DEFAULT_WORST,
-                        tta: Optional[bool] = None) -> dict:
+                        tta: Optional[bool] = None, overrides: Sequence[str] = ()) -> dict:
     """`segtrain eval`: metrics of a run's model on a labelled split (default: the run's data.val_split).
 
     Writes metrics.json, per_class.csv, per_image.csv (see the module docstring for the absent-class
-    rule) and the plots, worst_images.png with the `worst` lowest-ranked images, into out_dir."""
+    rule) and the plots, worst_images.png with the `worst` lowest-ranked images, into out_dir. `overrides`:
+    `predict.*` KEY=VALUE settings applied to the run's config in memory (`segtrain.runs.run_config`)."""
     model_path, run_dir = resolve_checkpoint(checkpoint)
-    config = run_config(run_dir)
+    config = run_config(run_dir, overrides)
     if split is None:
         split = config.data.val_split
     if data_root is not None:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -129,17 +129,21 @@ def export_metadata(config: Config, config_text: str, channels: int, policy, inp
     }
 
 
-def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> Path:
-    """Export a run folder (or a .keras file with config.yaml beside it) in `fmt`; returns the export folder."""
-    from segtrain.runs import resolve_checkpoint, run_config
+def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print, overwrite: bool = False,
+               overrides: Sequence[str] = ()) -> Path:
+    """Export a run folder (or a .keras file with config.yaml beside it) in `fmt`; returns the export folder.
+
+    The export is written into a temporary sibling of `out_dir` and renamed into place once complete; an existing
+    non-empty `out_dir` is refused, or with `overwrite` replaced only then (a failed export keeps the old one).
+    `overrides`: predict.* KEY=VALUE settings applied to the run's config in memory (`segtrain.runs.run_config`)."""
+    from segtrain.runs import resolve_checkpoint, run_config, staged_folder
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}.")
     model_path, run_folder = resolve_checkpoint(run_dir)
-    config = run_config(run_folder)
+    config = run_config(run_folder, overrides)
     out_dir = Path(out_dir) if out_dir else run_folder / "export" / fmt
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"{out_dir}: the export folder exists and is not empty; pass another --out.")
+    check_export_folder(out_dir, overwrite)
     from segtrain.policy.predictor import Predictor
 
     predictor = Predictor.load(model_path, config, log=log)
@@ -150,19 +154,29 @@ def export_run(run_dir: Path, fmt: str, out_dir: Optional[Path], log=print) -> P
             "metadata.json describes it, and segtrain.load(export folder) applies it.")
     input_type = _input_type(run_folder)
     module = serving_module(model, config, policy, input_type)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved = out_dir / MODEL_FILES["saved_model"]
-    _save_saved_model(module, saved)
-    if fmt == "onnx":
-        _saved_model_to_onnx(saved, out_dir / MODEL_FILES["onnx"])
-    elif fmt == "tflite":
-        _saved_model_to_tflite(saved, out_dir / MODEL_FILES["tflite"])
-    info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]), policy,
-                           input_type, predictor.resolved)
-    info.update({"format": fmt, "model": MODEL_FILES[fmt], "source": str(model_path)})
-    write_json(info, out_dir / "metadata.json")
+    with staged_folder(out_dir, overwrite) as staging:
+        saved = staging / MODEL_FILES["saved_model"]
+        _save_saved_model(module, saved)
+        if fmt == "onnx":
+            _saved_model_to_onnx(saved, staging / MODEL_FILES["onnx"])
+        elif fmt == "tflite":
+            _saved_model_to_tflite(saved, staging / MODEL_FILES["tflite"])
+        info = export_metadata(config, (run_folder / "config.yaml").read_text(), int(model.input_shape[-1]), policy,
+                               input_type, predictor.resolved)
+        info.update({"format": fmt, "model": MODEL_FILES[fmt], "source": str(model_path)})
+        write_json(info, staging / "metadata.json")
     log(f"Exported {model_path} as {fmt} -> {out_dir / MODEL_FILES[fmt]} (+ metadata.json)")
     return out_dir
+
+
+def check_export_folder(out_dir: Path, overwrite: bool = False) -> None:
+    """An export goes into a new (or empty) folder; with `overwrite` an existing export folder is replaced."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a folder; pass another --out.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir}: the export folder exists and is not empty; pass another --out, or "
+                              "--overwrite to replace it (the old folder is kept until the new export is complete).")
 
 
 def _input_type(run_folder: Path) -> str:

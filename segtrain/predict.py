@@ -7,7 +7,7 @@ Python API, so the masks predict writes are exactly the ones eval scores.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import click
 import numpy as np
@@ -27,6 +27,8 @@ PROBABILITY_FORMATS = ("png", "npy")
 
 def collect_images(inputs: list[str]) -> list[Path]:
     """Image files from the arguments (files or folders, folders not recursed), sorted, no duplicates."""
+    from segtrain.data.discovery import empty_folder_message, suffix_list
+
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -34,19 +36,25 @@ def collect_images(inputs: list[str]) -> list[Path]:
             found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"{path}: not a supported image ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+                raise DataError(f"{path}: not a supported image ({suffix_list(IMAGE_SUFFIXES)}).")
             found.append(path)
         else:
             raise DataError(f"{path}: no such file or folder.")
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
-        raise DataError(f"no images found in {', '.join(inputs)}.")
+        folders = [Path(item) for item in inputs if Path(item).is_dir()]
+        if len(folders) == 1:
+            raise DataError(empty_folder_message(folders[0]) + " Pass the image files or the folder holding them.")
+        raise DataError(f"no images found in {', '.join(inputs)}: looked for {suffix_list(IMAGE_SUFFIXES)} files "
+                        "(any case) directly in each folder; subfolders are not searched. Pass the image files or the "
+                        "folders holding them.")
     return unique
 
 
 def predict_images(images: list[Path], checkpoint: Optional[str], out_dir: Optional[Path],
                    decision: Optional[str], threshold: Optional[float], tta: Optional[bool],
-                   probabilities: bool, overlay: bool, log=click.echo, probabilities_format: str = "png") -> Path:
+                   probabilities: bool, overlay: bool, log=click.echo, probabilities_format: str = "png",
+                   overrides: Sequence[str] = ()) -> Path:
     """Write one mask per image (same stem, same size, training encoding) into out_dir (default: RUN/predictions).
 
     With `probabilities` also the probabilities the decision rule reads (q: calibrated and, with prior correction,
@@ -54,14 +62,14 @@ def predict_images(images: list[Path], checkpoint: Optional[str], out_dir: Optio
     `<stem>_prob_<class>.png`, 8-bit (round(255 q); the foreground only for two classes), so one grey level is
     1/255 ~ 0.004 of probability; "npy": `<stem>.npy`, the float32 array H x W x K (every class, two for two
     classes) at the input's size, so thresholding it reproduces the masks. With `overlay` also
-    `<stem>_overlay.png`.
+    `<stem>_overlay.png`. `overrides`: `predict.*` KEY=VALUE settings applied to the run's config in memory.
     """
     if probabilities_format not in PROBABILITY_FORMATS:
         raise ValueError(f"probabilities_format must be one of {PROBABILITY_FORMATS}, not {probabilities_format!r}")
     from tqdm import tqdm
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
-    config = run_config(run_dir)
+    config = run_config(run_dir, overrides)
     predictor = Predictor.load(model_path, config, Overrides(decision, threshold, tta), log)
     mapping = MaskMapping(config.data.mask, config.data.classes)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "predictions"

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-
-import keras
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from segtrain.atomic import atomic_path
-from segtrain.errors import CheckpointError
+from segtrain.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # Keras (TensorFlow) loads only where a model is read or written, not to check a path
+    import keras
 
 RUNS_DIR = Path("runs")
 RUN_INFO = "run.json"
@@ -85,54 +89,160 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def save_model_atomic(model: keras.Model, path: Path) -> None:
+def save_model_atomic(model: "keras.Model", path: Path) -> None:
     """Save a .keras file atomically, so a kill mid-write leaves the previous one usable."""
     with atomic_path(path) as tmp:
         model.save(tmp)
 
 
+MODEL_FILES = ("best.keras", "last.keras")
+"""The model files of a run folder, in the order a run folder is read."""
+
+RUN_FOLDER_HINT = "Pass a run folder written by `segtrain fit` (it holds best.keras and config.yaml)"
+
+
+def _model_files(run_dir: Path) -> list[Path]:
+    return [run_dir / name for name in MODEL_FILES if (run_dir / name).is_file()]
+
+
 def newest_run_dir() -> Path:
     """The most recently modified run folder under runs/ that holds a model."""
-    candidates = [p for p in RUNS_DIR.glob("*") if (p / "best.keras").is_file() or (p / "last.keras").is_file()]
+    candidates = [p for p in RUNS_DIR.glob("*") if _model_files(p)]
     if not candidates:
-        raise CheckpointError(f"no trained run found under {RUNS_DIR}/. Train one with `segtrain fit CONFIG` or pass --checkpoint.")
-    return max(candidates, key=lambda p: max((p / n).stat().st_mtime for n in ("best.keras", "last.keras") if (p / n).exists()))
+        raise CheckpointError(f"no trained run found under {RUNS_DIR.absolute()}/. Train one with "
+                              "`segtrain fit CONFIG`.")
+    return max(candidates, key=lambda p: max(f.stat().st_mtime for f in _model_files(p)))
+
+
+def newest_run_hint() -> str:
+    """Where the newest run is, as a suggestion for a command given none (never chosen silently)."""
+    try:
+        return f"the newest run under {RUNS_DIR}/ is {newest_run_dir()}"
+    except CheckpointError:
+        return f"there is no trained run under {RUNS_DIR.absolute()}/; train one with `segtrain fit CONFIG`"
+
+
+def is_run_path(path: str | Path) -> bool:
+    """A run folder (with best.keras or last.keras, or config.yaml) or a .keras file: what RUN may name."""
+    path = Path(path)
+    if path.is_dir():
+        return bool(_model_files(path)) or (path / "config.yaml").is_file()
+    return path.suffix == ".keras"
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> tuple[Path, Path]:
-    """(model file, run folder) from a run folder or a .keras file; the run folder holds config.yaml."""
+    """(model file, run folder) from a run folder or a .keras file; the run folder holds config.yaml.
+
+    None: the newest run under runs/ (the Python API's default; the command line never passes None but names the
+    newest run as a suggestion instead, `newest_run_hint`)."""
     if checkpoint is None:
         run_dir = newest_run_dir()
-        model_path = run_dir / "best.keras" if (run_dir / "best.keras").exists() else run_dir / "last.keras"
-        return model_path, run_dir
+        return _model_files(run_dir)[0], run_dir
     path = Path(checkpoint)
+    where = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
     if path.is_dir():
-        for name in ("best.keras", "last.keras"):
-            if (path / name).is_file():
-                return path / name, path
-        raise CheckpointError(f"{path}: no best.keras or last.keras in this folder. Is it a finished run folder?")
+        models = _model_files(path)
+        if models:
+            return models[0], path
+        raise CheckpointError(f"{path}: no best.keras or last.keras in this folder{where}. {RUN_FOLDER_HINT}; is "
+                              "this run finished?")
     if path.is_file():
         if path.suffix != ".keras":
-            raise CheckpointError(f"{path}: expected a run folder or a .keras model file.")
+            raise CheckpointError(f"{path}: a file, but not a .keras model. {RUN_FOLDER_HINT}, or one of its .keras "
+                                  "files.")
         return path, path.parent
-    raise CheckpointError(f"{path}: checkpoint not found. Pass a run folder (e.g. runs/roads) or a .keras file.")
+    kind = "file" if path.suffix == ".keras" else "folder"
+    raise CheckpointError(f"{path}: no such {kind}{where}. {RUN_FOLDER_HINT}, or one of its .keras files; "
+                          f"{newest_run_hint()}.")
 
 
-def run_config(run_dir: Path):
-    """The resolved config a run saved (config.yaml beside the model)."""
+RUN_OVERRIDABLE = "predict."
+"""The config keys `--set` may change on a trained run (eval, predict, calibrate, tune, export): every other setting
+was fixed by training."""
+
+
+def check_run_overrides(overrides: Sequence[str]) -> None:
+    """Refuse `--set KEY=VALUE` on a run for any key outside predict.* (the model was trained with the others)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set predict.tta=true.")
+        key = item.partition("=")[0].strip()
+        if not key.startswith(RUN_OVERRIDABLE) or key == RUN_OVERRIDABLE:
+            hint = "; pass --data DIR for another data set root" if key == "data.root" else ""
+            raise ConfigError(f"--set {item}: {key} is fixed by training (the run's config.yaml); on a trained run "
+                              f"only predict.* keys can be set, e.g. --set predict.tta=true{hint}.")
+
+
+def describe_overrides(run_dir: Path, overrides: Sequence[str]) -> list[str]:
+    """One line per override with the run's own value: `--set predict.tta=true (the run's: false)`."""
+    saved = run_config(run_dir).to_dict()
+    lines = []
+    for item in overrides:
+        key, _, text = item.partition("=")
+        node, found = saved, True
+        for step in key.strip().split("."):
+            found = isinstance(node, dict) and step in node
+            node = node[step] if found else None
+            if not found:
+                break
+        lines.append(f"--set {key.strip()}={text} (the run's: {_yaml_text(node) if found else 'unset'})")
+    return lines
+
+
+def _yaml_text(value) -> str:
+    """A config value as YAML would spell it in one line: false, null, 0.5, [1, 2]."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def run_config(run_dir: Path, overrides: Sequence[str] = ()):
+    """The resolved config a run saved (config.yaml beside the model), with `predict.*` overrides applied in
+    memory (the file is never written)."""
     from segtrain.config import load_config
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise CheckpointError(
-            f"{run_dir}: no config.yaml beside the model; eval and predict need the run's config "
-            "(class names, mask encoding). Point --checkpoint at a run folder made by `segtrain fit`."
+            f"{run_dir}: no config.yaml beside the model; eval, predict, calibrate, tune and export need the run's "
+            f"config (class names, mask encoding). {RUN_FOLDER_HINT}."
         )
-    return load_config(path)
+    check_run_overrides(overrides)
+    return load_config(path, list(overrides))
 
 
-def load_model(path: Path) -> keras.Model:
+@contextmanager
+def staged_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `out_dir` to write a new folder into; renamed to `out_dir` only once the block ends
+    without error (with `overwrite`, replacing the existing folder then), so a failure never loses the old folder
+    and never leaves a half-written one."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists() and (overwrite or (out_dir.is_dir() and not any(out_dir.iterdir()))):
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        staging.rename(out_dir)
+
+
+def load_model(path: Path) -> "keras.Model":
     """Load a .keras model with Keras's safe mode on (no arbitrary code)."""
+    import keras
+
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises several types for a bad file

@@ -37,7 +37,7 @@ def test_fit_load_predict_evaluate_agree_with_the_cli_files(tmp_path):
     # the mask is the training encoding (threshold masks: stripe written as 255) of the labels
     np.testing.assert_array_equal(prediction.mask, np.where(prediction.labels == 1, 255, 0))
     # ... and what `segtrain predict` writes for the same file
-    assert invoke("predict", root / "val" / "images" / "img00.png", "--checkpoint", result.run_dir,
+    assert invoke("predict", result.run_dir, root / "val" / "images" / "img00.png",
                   "--out", tmp_path / "pred").exit_code == 0
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "pred" / "img00.png")), prediction.mask)
     # a .keras file loads the same run

@@ -1,14 +1,18 @@
 """Bad input through the CLI: exit code 2, one message naming the culprit and the fix, no traceback, and every
 existing run folder byte-for-byte untouched (fit is asked to --overwrite it, so an early deletion would show)."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import folder_digest, invoke, make_stripes_dataset, write_config
+from tests.helpers import REPO, folder_digest, invoke, make_stripes_dataset, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +197,7 @@ def test_eval_with_other_classes_is_refused(trained, tmp_path):
     saved["data"]["mask"] = {"values": {0: 0, 255: 1, 128: 2}, "threshold": None, "palette": None, "ignore": []}
     (copy / "config.yaml").write_text(yaml.safe_dump(saved))
     before = folder_digest(copy)
-    result = invoke("eval", "--checkpoint", copy)
+    result = invoke("eval", copy)
     _assert_one_clean_error(result, "output channel(s) but the config names 3 classes")
     assert folder_digest(copy) == before
 
@@ -205,7 +209,105 @@ def test_an_image_that_breaks_inside_the_pipeline_is_a_clean_error_and_leaves_no
     data = tmp_path / "data"
     shutil.copytree(root, data)
     _truncate(data / "train" / "images" / "img02.png")
-    monkeypatch.setattr("segtrain.data.scan.read_image", lambda *args: None)  # skip the upfront decode
+    # skip the upfront decode (a blank image stands in, for the pixel sample the scan also takes)
+    monkeypatch.setattr("segtrain.data.scan.read_image",
+                        lambda path, channels, *args: np.zeros((32, 32, channels), np.uint8))
     result = invoke("fit", config, "--out", tmp_path / "new", "--set", f"data.root={data}")
     _assert_one_clean_error(result, "img02.png: cannot read the image")
     assert not (tmp_path / "new").exists()  # the folder this run had just created is removed
+
+
+# ---------------------------------------------------------------------------- eval, predict, calibrate, tune, export
+
+RUN_CASES = {
+    # case: (arguments, texts expected in the one message); run from a folder holding runs/fake (a run folder with
+    # config.yaml and a best.keras that is never read), runs/noconfig (best.keras only), data/ and empty/
+    "eval_without_run": (["eval"], ["missing RUN", "segtrain eval RUN", "the newest run under runs/ is runs/fake"]),
+    "eval_missing_run": (["eval", "runs/roads"], ["runs/roads: no such folder (looked in {cwd})",
+                                                 "Pass a run folder written by `segtrain fit` (it holds best.keras "
+                                                 "and config.yaml)"]),
+    "eval_missing_model_file": (["eval", "runs/fake/last_epoch.keras"], ["runs/fake/last_epoch.keras: no such file"]),
+    "eval_folder_without_model": (["eval", "data"], ["data: no best.keras or last.keras in this folder"]),
+    "eval_image_as_run": (["eval", "data/val/images/img00.png"], ["a file, but not a .keras model"]),
+    "eval_run_without_config": (["eval", "runs/noconfig"], ["runs/noconfig: no config.yaml beside the model"]),
+    "eval_missing_split": (["eval", "runs/fake", "--split", "test"], ["data/test: split folder not found"]),
+    "eval_missing_data_root": (["eval", "runs/fake", "--data", "nowhere"], ["nowhere: data set folder not found"]),
+    "eval_old_checkpoint_missing": (["eval", "--checkpoint", "runs/nope"], ["runs/nope: no such folder"]),
+    "predict_without_run": (["predict", "data/val/images"], ["missing RUN", "segtrain predict RUN data/val/images",
+                                                             "the newest run under runs/ is runs/fake"]),
+    "predict_without_images": (["predict", "runs/fake"], ["missing IMAGES", "segtrain predict RUN IMAGES..."]),
+    "predict_missing_run": (["predict", "runs/roads", "data/val/images"], ["runs/roads: no such folder"]),
+    "predict_empty_folder": (["predict", "runs/fake", "empty"], ["empty: no images found"]),
+    "predict_missing_image": (["predict", "runs/fake", "nothere.png"], ["nothere.png: no such file or folder"]),
+    "predict_into_its_inputs": (["predict", "runs/fake", "data/val/images", "--out", "data/val/images"],
+                                ["this folder holds input images"]),
+    "calibrate_missing_split": (["calibrate", "runs/fake", "--split", "test"], ["split folder not found"]),
+    "calibrate_missing_run": (["calibrate", "runs/roads"], ["runs/roads: no such folder"]),
+    "tune_missing_data_root": (["tune", "runs/fake", "--data", "nowhere"], ["nowhere: data set folder not found"]),
+    "tune_without_run": (["tune"], ["missing RUN", "the newest run under runs/ is runs/fake"]),
+    "export_existing_folder": (["export", "runs/fake", "--out", "data"],
+                               ["data: the export folder exists and is not empty", "--overwrite"]),
+    "export_missing_run": (["export", "runs/roads"], ["runs/roads: no such folder"]),
+    "set_fixed_key": (["predict", "runs/fake", "data/val/images", "--set", "model.depth=3"],
+                      ["--set model.depth=3: model.depth is fixed by training", "only predict.* keys"]),
+    "set_data_root": (["eval", "runs/fake", "--set", "data.root=elsewhere"], ["pass --data DIR"]),
+    "set_fixed_key_tune": (["tune", "runs/fake", "--set", "loss.class_weights=none"], ["is fixed by training"]),
+    "set_bad_value": (["calibrate", "runs/fake", "--set", "predict.tta=maybe"],
+                      ["predict.tta: expected true or false"]),
+    "set_unknown_key": (["export", "runs/fake", "--set", "predict.tile=8"], ["predict.tile: unknown key"]),
+    "set_without_value": (["eval", "runs/fake", "--set", "predict.tta"], ["expected KEY=VALUE"]),
+}
+
+_RUN_CASES_SCRIPT = """
+import json, sys
+from click.testing import CliRunner
+from segtrain.cli import cli
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    result = CliRunner().invoke(cli, args)
+    results[name] = [result.exit_code, result.output, "tensorflow" in sys.modules, repr(result.exception)]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def run_case_results(tmp_path_factory):
+    """Every RUN_CASES case through the CLI in one fresh interpreter (TensorFlow not imported beforehand), and
+    whether anything under its working directory changed."""
+    base = tmp_path_factory.mktemp("paths")
+    root = make_stripes_dataset(base / "data", n_train=2, n_val=1)
+    for name in ("fake", "noconfig"):
+        (base / "runs" / name).mkdir(parents=True)
+        (base / "runs" / name / "best.keras").write_bytes(b"never read: every case fails before the model loads")
+    write_config(base / "runs" / "fake" / "config.yaml", root)
+    os.utime(base / "runs" / "noconfig" / "best.keras", (1e9, 1e9))  # runs/fake is the newest run
+    (base / "empty").mkdir()
+    before = folder_digest(base)
+    cases = {name: args for name, (args, _) in RUN_CASES.items()}
+    cases["control"] = ["eval", "runs/fake"]  # last: the paths are fine, so TensorFlow loads and the model fails
+    out = subprocess.run([sys.executable, "-c", _RUN_CASES_SCRIPT, json.dumps(cases)], capture_output=True,
+                         text=True, cwd=base, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return base, json.loads(out.stdout.splitlines()[-1]), folder_digest(base) == before
+
+
+@pytest.mark.parametrize("case", sorted(RUN_CASES))
+def test_path_and_setting_errors_of_run_commands_come_before_tensorflow(run_case_results, case):
+    """Bad paths and --set keys of the commands that read a run: exit 2 with one message saying what was looked for
+    and where, before TensorFlow is imported (no 6-8 s wait), and nothing written."""
+    base, results, untouched = run_case_results
+    exit_code, output, tensorflow_loaded, exception = results[case]
+    assert exit_code == 2, (output, exception)
+    for text in RUN_CASES[case][1]:
+        assert text.format(cwd=base) in output, output
+    assert output.count("Error:") == 1 and "Traceback" not in output
+    assert not tensorflow_loaded
+    assert untouched
+
+
+def test_the_tensorflow_check_sees_a_command_that_loads_it(run_case_results):
+    """The control case of run_case_results: correct paths, so TensorFlow loads and the bad best.keras is refused."""
+    _, results, untouched = run_case_results
+    exit_code, output, tensorflow_loaded, _ = results["control"]
+    assert exit_code == 2 and "runs/fake/best.keras: cannot load the model" in output, output
+    assert tensorflow_loaded and untouched

@@ -69,15 +69,17 @@ def test_best_model_loads_without_segtrain(trained):
 
 def test_eval_matches_numpy_on_predicted_masks(trained, tmp_path):
     base, root, config, run, _ = trained
-    result = invoke("eval", "--checkpoint", run, "--out", tmp_path / "eval")
+    result = invoke("eval", run, "--out", tmp_path / "eval")
     assert result.exit_code == 0, result.output
     assert "stripe" in result.output and "IoU" in result.output
+    assert result.output.count(f"Using {run / 'best.keras'} (run {run})") == 1
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for name in ("per_class.csv", "confusion_matrix.png", "pr_curve.png"):
         assert (tmp_path / "eval" / name).is_file(), name
 
-    result = invoke("predict", root / "val" / "images", "--checkpoint", run, "--out", tmp_path / "pred")
+    result = invoke("predict", run, root / "val" / "images", "--out", tmp_path / "pred")
     assert result.exit_code == 0, result.output
+    assert result.output.count(f"Using {run / 'best.keras'} (run {run})") == 1
     cm = np.zeros((2, 2), np.int64)
     for mask_path in sorted((root / "val" / "masks").glob("*.png")):
         truth = (np.asarray(Image.open(mask_path)) > 127).astype(int)
@@ -92,7 +94,7 @@ def test_eval_matches_numpy_on_predicted_masks(trained, tmp_path):
 
 def test_eval_relaxed_scores_are_at_least_the_strict_ones(trained, tmp_path):
     _, _, _, run, _ = trained
-    result = invoke("eval", "--checkpoint", run, "--out", tmp_path / "eval", "--relaxed", 2)
+    result = invoke("eval", run, "--out", tmp_path / "eval", "--relaxed", 2)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     relaxed, strict = metrics["relaxed"], metrics["per_class"]["stripe"]
@@ -102,18 +104,173 @@ def test_eval_relaxed_scores_are_at_least_the_strict_ones(trained, tmp_path):
             assert relaxed[key] >= strict[key] - 1e-12
 
 
-def test_predict_defaults_to_newest_run_and_keeps_size(trained, tmp_path, monkeypatch):
+def test_without_a_run_nothing_is_chosen_the_newest_is_suggested(trained, tmp_path, monkeypatch):
     _, root, _, run, _ = trained
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "tiny").symlink_to(run)
     odd = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 45, 3)).astype(np.uint8)).save(odd)
-    result = invoke("predict", odd, "--overlay", "--probabilities")
+    before = folder_digest(tmp_path)
+    for args in (("predict", "odd.png", "--overlay"), ("eval",)):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert "missing RUN" in result.output and "the newest run under runs/ is runs/tiny" in result.output
+        assert "Using" not in result.output and result.output.count("Error:") == 1
+    assert "segtrain predict RUN odd.png" in invoke("predict", "odd.png").output
+    assert folder_digest(tmp_path) == before  # nothing written, in the run or beside it
+
+    result = invoke("predict", "runs/tiny", "odd.png", "--overlay", "--probabilities")
     assert result.exit_code == 0, result.output
+    assert result.output.count("Using runs/tiny/best.keras (run runs/tiny)") == 1
     out = run / "predictions"
     assert np.asarray(Image.open(out / "odd.png")).shape == (37, 45)
     assert (out / "odd_overlay.png").is_file() and (out / "odd_prob_stripe.png").is_file()
+
+
+def test_checkpoint_still_works_as_a_deprecated_alias_of_run(trained, tmp_path):
+    _, root, _, run, _ = trained
+    new = invoke("eval", run, "--out", tmp_path / "new", "--worst", 0)
+    old = invoke("eval", "--checkpoint", run, "--out", tmp_path / "old", "--worst", 0)
+    assert new.exit_code == 0 and old.exit_code == 0, old.output
+    assert "deprecated" not in new.output
+    assert old.output.count("note: --checkpoint is deprecated; pass the run first: segtrain eval") == 1
+    assert old.output.count(f"Using {run / 'best.keras'}") == 1
+
+    def matrix(folder):
+        return json.loads((folder / "metrics.json").read_text())["confusion_matrix"]
+
+    assert matrix(tmp_path / "old") == matrix(tmp_path / "new")
+    result = invoke("predict", root / "val" / "images", "--checkpoint", run, "--out", tmp_path / "masks")
+    assert result.exit_code == 0, result.output
+    assert "--checkpoint is deprecated" in result.output
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(
+        p.name for p in (root / "val" / "masks").iterdir())
+    result = invoke("eval", run, "--checkpoint", run, "--out", tmp_path / "twice")
+    assert result.exit_code == 2 and "given twice" in result.output and not (tmp_path / "twice").exists()
+
+
+def test_set_changes_predict_settings_for_one_command_and_reports_them(trained, tmp_path):
+    _, root, _, run, _ = trained
+    before = folder_digest(run)
+
+    def evaluated(name, *args):
+        result = invoke("eval", run, "--out", tmp_path / name, "--worst", 0, *args)
+        assert result.exit_code == 0, result.output
+        return result.output, json.loads((tmp_path / name / "metrics.json").read_text())
+
+    output, by_set = evaluated("set_tta", "--set", "predict.tta=true")
+    assert output.count("--set predict.tta=true (the run's: false)") == 1
+    _, by_flag = evaluated("flag_tta", "--tta")
+    assert by_set["decision"]["tta"] is True and by_set["confusion_matrix"] == by_flag["confusion_matrix"]
+    output, by_set = evaluated("set_threshold", "--set", "predict.decision=threshold",
+                               "--set", "predict.threshold=0.9")
+    assert "--set predict.decision=threshold (the run's: argmax)" in output
+    assert "--set predict.threshold=0.9 (the run's: null)" in output
+    _, by_flag = evaluated("flag_threshold", "--threshold", 0.9)
+    assert by_set["decision"]["threshold"] == 0.9 and by_set["confusion_matrix"] == by_flag["confusion_matrix"]
+
+    result = invoke("predict", run, root / "val" / "images", "--out", tmp_path / "masks",
+                    "--set", "predict.tile_size=16", "--set", "predict.overlap=0.5")
+    assert result.exit_code == 0, result.output
+    assert "--set predict.tile_size=16 (the run's: null)" in result.output
+    assert len(list((tmp_path / "masks").iterdir())) == 3
+    assert folder_digest(run) == before  # config.yaml is never written
+
+    refused = tmp_path / "refused"
+    for command in (["eval", run, "--out", refused], ["predict", run, root / "val" / "images", "--out", refused],
+                    ["calibrate", run], ["tune", run], ["export", run, "--out", refused]):
+        result = invoke(*command, "--set", "data.crop=8")
+        assert result.exit_code == 2, (command, result.output)
+        assert "data.crop is fixed by training" in result.output and "only predict.* keys" in result.output
+        assert not refused.exists()
+    assert folder_digest(run) == before
+
+
+def test_calibrate_and_tune_take_run_and_set(trained, tmp_path):
+    import shutil
+
+    _, _, _, run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    result = invoke("calibrate", copy, "--set", "predict.tta=true")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"Using {copy / 'best.keras'} (run {copy})") == 1
+    assert "--set predict.tta=true (the run's: false)" in result.output and "Calibrating" in result.output
+    result = invoke("tune", copy, "--no-postprocess", "--set", "predict.calibrate=false")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"Using {copy / 'best.keras'} (run {copy})") == 1
+    assert "--set predict.calibrate=false (the run's: true)" in result.output
+    assert yaml.safe_load((copy / "config.yaml").read_text()) == yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_export_refuses_an_existing_folder_and_overwrite_replaces_it_only_when_complete(trained, tmp_path,
+                                                                                        monkeypatch):
+    _, _, _, run, _ = trained
+    out = tmp_path / "export"
+    result = invoke("export", run, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"Using {run / 'best.keras'} (run {run})") == 1
+    (out / "mine.txt").write_text("old")
+    before = folder_digest(out)
+
+    result = invoke("export", run, "--out", out)
+    assert result.exit_code == 2 and "not empty" in result.output and "--overwrite" in result.output
+    assert folder_digest(out) == before
+
+    import segtrain.export
+
+    def crash(module, path):  # a failure halfway through the new export
+        path.mkdir()
+        (path / "half").write_text("x")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(segtrain.export, "_save_saved_model", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        invoke("export", run, "--out", out, "--overwrite")
+    assert folder_digest(out) == before  # the old export is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no half-written sibling left
+    monkeypatch.undo()
+
+    result = invoke("export", run, "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "mine.txt").exists() and (out / "saved_model").is_dir()
+    assert json.loads((out / "metadata.json").read_text())["source"] == str(run / "best.keras")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_help_lists_the_commands_in_the_order_of_the_work_each_summary_whole():
+    from segtrain.cli import COMMAND_ORDER, cli
+    from segtrain.config import PredictConfig
+
+    result = invoke("--help")
+    assert result.exit_code == 0
+    listed = result.output.split("Commands:\n")[1].splitlines()
+    assert [line.split()[0] for line in listed] == list(COMMAND_ORDER)
+    assert COMMAND_ORDER == ("plan", "stats", "fit", "eval", "calibrate", "tune", "predict", "export")
+    for line, name in zip(listed, COMMAND_ORDER):
+        assert line.split(None, 1)[1] == cli.commands[name].short_help, line  # on one line, not truncated
+    assert "..." not in result.output.split("Commands:")[1]
+    assert "Per-class metrics of a run on a labelled split." in result.output
+
+    defaults = PredictConfig()
+    outs = {}
+    for name in ("eval", "predict", "calibrate", "tune", "export"):
+        text = " ".join(invoke(name, "--help").output.split())
+        assert f" {name} [OPTIONS] RUN" in text, text
+        assert "--checkpoint" not in text and "the config's" not in text
+        assert "--set KEY=VALUE" in text and "predict.*" in text
+        if name in ("eval", "predict"):
+            assert f"predict.decision, {defaults.decision} unless set" in text
+            assert f"predict.tta, {'on' if defaults.tta else 'off'} unless set" in text
+        if name in ("eval", "predict", "export"):
+            outs[name] = text.split("--out DIRECTORY ")[1]
+    assert outs["eval"].startswith("Report folder for metrics.json") and "(default: RUN/eval_<split>)" in outs["eval"]
+    assert outs["predict"].startswith("Mask folder (default: RUN/predictions)")
+    assert outs["export"].startswith("A new folder to export into (default: RUN/export/<format>); refused when it "
+                                     "exists and is not empty, unless --overwrite.")
+    fit_out = " ".join(invoke("fit", "--help").output.split()).split("--out DIRECTORY")[1]
+    assert fit_out.startswith(" The run folder to write")
 
 
 def test_fit_refuses_existing_run_folder_and_leaves_it_untouched(trained):
@@ -214,7 +371,7 @@ def test_eval_defaults_to_the_runs_own_val_split(tmp_path):
     result = invoke("fit", config, "--out", run)
     assert result.exit_code == 0, result.output
 
-    result = invoke("eval", "--checkpoint", run)
+    result = invoke("eval", run)
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "eval_test" / "metrics.json").read_text())
     assert metrics["split"] == "test"
@@ -222,12 +379,12 @@ def test_eval_defaults_to_the_runs_own_val_split(tmp_path):
     # fit scored best.keras on the same split: the same confusion matrix
     assert metrics["confusion_matrix"] == json.loads((run / "metrics.json").read_text())["confusion_matrix"]
 
-    result = invoke("eval", "--checkpoint", run, "--split", "train")
+    result = invoke("eval", run, "--split", "train")
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "eval_train" / "metrics.json").read_text())
     assert metrics["split"] == "train" and np.array(metrics["confusion_matrix"]).sum() == 3 * 32 * 32
 
-    result = invoke("eval", "--checkpoint", run, "--split", "val")
+    result = invoke("eval", run, "--split", "val")
     assert result.exit_code == 2 and "split folder not found" in result.output
     assert "Traceback" not in result.output and result.output.count("Error:") == 1
 

@@ -67,7 +67,7 @@ def test_a_16_bit_mask_data_set_trains_and_predict_writes_16_bit_masks(tmp_path,
     assert counts == [sum(int((m == 0).sum()) for m in masks), sum(int((m == 1000).sum()) for m in masks)]
 
     out = tmp_path / "pred"
-    assert invoke("predict", root / "val" / "images", "--checkpoint", run, "--out", out).exit_code == 0
+    assert invoke("predict", run, root / "val" / "images", "--out", out).exit_code == 0
     with Image.open(out / "img00.png") as written:
         assert written.mode.startswith("I;16")  # a 16-bit PNG
         predicted = np.asarray(written)

@@ -102,7 +102,7 @@ def test_a_five_band_uint16_tiff_data_set_trains_and_predicts(tmp_path, float32_
     assert len(json.loads((run / "class_stats.json").read_text())["normalization"]["mean"]) == 5
 
     out = tmp_path / "pred"
-    result = invoke("predict", root / "val" / "images", "--checkpoint", run, "--out", out, "--overlay")
+    result = invoke("predict", run, root / "val" / "images", "--out", out, "--overlay")
     assert result.exit_code == 0, result.output
     mask = np.asarray(Image.open(out / "t0.png"))
     assert mask.shape == (16, 16) and set(np.unique(mask)) <= {0, 255}

@@ -62,17 +62,17 @@ def _metrics(run, split="val"):
 
 def test_1_eval_marks_the_best_threshold_on_the_probability_the_threshold_reads(weighted_run, tmp_path):
     run, root = weighted_run
-    assert invoke("eval", "--checkpoint", run).exit_code == 0
+    assert invoke("eval", run).exit_code == 0
     best = _metrics(run)["thresholds"]["best F1"]
     # independently: the q that --threshold reads, as predict writes it, thresholded by NumPy at every edge
-    assert invoke("predict", root / "val" / "images", "--checkpoint", run, "--out", tmp_path / "q",
+    assert invoke("predict", run, root / "val" / "images", "--out", tmp_path / "q",
                   "--probabilities-format", "npy").exit_code == 0
     q = [np.load(p)[..., 1] for p in sorted((tmp_path / "q").glob("*.npy"))]
     truth = np.concatenate([t.ravel() for t in _val_truth(root)])
     q = np.concatenate([v.ravel() for v in q]).astype(np.float64)
     edges = np.arange(1001) / 1000
     f1s = [_f1(truth, (q >= t).astype(np.int64)) for t in edges]
-    assert invoke("eval", "--checkpoint", run, "--threshold", best).exit_code == 0
+    assert invoke("eval", run, "--threshold", best).exit_code == 0
     at_mark = _metrics(run)["per_class"]["stripe"]["dice"]
     # the mark is the best edge: eval at it scores the NumPy maximum (float32 q in the npy: pixels within 6e-8 of
     # an edge could flip, so allow one pixel's worth of F1)
@@ -84,7 +84,7 @@ def test_2_tune_scores_exactly_the_rule_eval_applies_and_never_writes_a_worse_po
     source, _ = postprocessed_run
     run = tmp_path / "run"
     shutil.copytree(source, run)
-    assert invoke("eval", "--checkpoint", run).exit_code == 0
+    assert invoke("eval", run).exit_code == 0
     untuned = _metrics(run)["per_class"]["stripe"]["dice"]
     result = invoke("tune", run, "--objective", "f1")
     assert result.exit_code == 0, result.output
@@ -97,7 +97,7 @@ def test_2_tune_scores_exactly_the_rule_eval_applies_and_never_writes_a_worse_po
     assert before == pytest.approx(untuned, abs=5e-5)  # printed with 4 decimals
     assert after >= before
     if policy["tuned"] is not None:
-        assert invoke("eval", "--checkpoint", run).exit_code == 0
+        assert invoke("eval", run).exit_code == 0
         assert _metrics(run)["per_class"]["stripe"]["dice"] == pytest.approx(record["after"]["f1"], abs=1e-12)
     else:
         assert after == before
@@ -113,11 +113,11 @@ def test_3_a_point_tuned_under_other_settings_is_not_applied(weighted_run, tmp_p
         pytest.skip("nothing beat the untuned rule on held-out images for this tiny model")
     assert policy["tuned"]["under"]["prior_correction"] == "weights"
     _edit_config(run, prior_correction="none")
-    changed = invoke("eval", "--checkpoint", run)
+    changed = invoke("eval", run)
     assert "prior_correction 'weights' -> 'none'" in changed.output
     with_change = _metrics(run)
     _edit_config(run, tuned=False)
-    assert invoke("eval", "--checkpoint", run).exit_code == 0
+    assert invoke("eval", run).exit_code == 0
     untuned = _metrics(run)
     assert with_change["confusion_matrix"] == untuned["confusion_matrix"]
     assert with_change["decision"]["rule"] == "argmax"
@@ -153,7 +153,7 @@ def test_6_prior_correction_divides_only_by_weights_the_model_trained_with(tmp_p
     assert json.loads((run / "policy.json").read_text())["class_weights"] is None
     weighted = json.loads((run / "metrics.json").read_text())
     _edit_config(run, prior_correction="none")
-    assert invoke("eval", "--checkpoint", run).exit_code == 0
+    assert invoke("eval", run).exit_code == 0
     assert _metrics(run)["confusion_matrix"] == weighted["confusion_matrix"]
 
 

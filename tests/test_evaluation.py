@@ -314,7 +314,7 @@ def trained_run(tmp_path_factory):
 @pytest.mark.slow
 def test_per_image_matrices_sum_to_the_split_matrix_on_a_trained_run(trained_run, tmp_path):
     root, run = trained_run
-    result = invoke("eval", "--checkpoint", run, "--out", tmp_path / "eval", "--worst", 3)
+    result = invoke("eval", run, "--out", tmp_path / "eval", "--worst", 3)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     rows = _read_csv(tmp_path / "eval" / "per_image.csv")

@@ -498,7 +498,7 @@ def test_predict_uses_the_temperature(run, tmp_path):
     prediction = segmenter.predict(image)  # 32 x 32: one exact forward pass
     np.testing.assert_allclose(prediction.probabilities[..., 1], 1 / (1 + np.exp(-z / t)), atol=1e-5)
     # `segtrain predict --probabilities-format npy` writes the same calibrated probabilities
-    result = invoke("predict", root / "val" / "images" / "img00.png", "--checkpoint", run_dir, "--out",
+    result = invoke("predict", run_dir, root / "val" / "images" / "img00.png", "--out",
                     tmp_path / "pred", "--probabilities-format", "npy")
     assert result.exit_code == 0, result.output
     np.testing.assert_allclose(np.load(tmp_path / "pred" / "img00.npy"), prediction.probabilities, atol=1e-6)

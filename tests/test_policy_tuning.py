@@ -466,7 +466,7 @@ def test_eval_reproduces_the_tuned_figures_and_reports_the_operating_point(strip
     assert 0.0 <= point["threshold"] <= 1.0 and point["level"] in LEVELS
     assert point["after"]["objective"] >= point["before"]["objective"]
     assert point["under"]["rule"] == "argmax" and point["under"]["prior_correction"] == "none"
-    result = invoke("eval", "--checkpoint", run, "--split", "tune")
+    result = invoke("eval", run, "--split", "tune")
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "eval_tune" / "metrics.json").read_text())
     # the same images, logits and policy: eval's figures are tune's "after" exactly
@@ -477,7 +477,7 @@ def test_eval_reproduces_the_tuned_figures_and_reports_the_operating_point(strip
     assert "tuned on 'tune'" in metrics["operating_point"]["warning"]  # eval on the tuning split says so
     assert (run / "eval_tune" / "class_iou.png").stat().st_size > 0
     # the val split: no warning; an explicit --threshold overrides the tuned one (and says so)
-    result = invoke("eval", "--checkpoint", run, "--threshold", "0.5", "--out", tmp_path / "e")
+    result = invoke("eval", run, "--threshold", "0.5", "--out", tmp_path / "e")
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["decision"]["threshold"] == 0.5 and "warning" not in metrics["operating_point"]
     assert any("command line" in s for s in metrics["decision"]["sources"])
@@ -495,7 +495,7 @@ def test_tune_on_the_eval_split_warns_and_predict_applies_it(stripes_run, tmp_pa
     assert point["searched"]["levels"] == ["threshold_or_tau"]
     root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
     image = sorted((root / "val" / "images").glob("*.png"))[0]
-    result = invoke("predict", image, "--checkpoint", run, "--out", tmp_path / "p", "--probabilities",
+    result = invoke("predict", run, image, "--out", tmp_path / "p", "--probabilities",
                     "--probabilities-format", "npy")
     assert result.exit_code == 0 and f"threshold {point['threshold']:.4g}" in result.output
     probs = np.load(tmp_path / "p" / f"{image.stem}.npy")  # q: what the rule reads
@@ -511,7 +511,7 @@ def test_with_a_configured_min_size_tune_before_is_eval_before_tuning_and_after_
     from segtrain.runs import run_config
 
     run = copy_run(stripes_run, tmp_path, min_size={"stripe": 30, "background": 4}, max_hole={"stripe": 6})
-    result = invoke("eval", "--checkpoint", run, "--split", "tune", "--out", tmp_path / "before")
+    result = invoke("eval", run, "--split", "tune", "--out", tmp_path / "before")
     assert result.exit_code == 0, result.output
     untuned = json.loads((tmp_path / "before" / "metrics.json").read_text())
     assert untuned["decision"]["postprocess"] == {"background": [4, 0], "stripe": [30, 6]}
@@ -526,7 +526,7 @@ def test_with_a_configured_min_size_tune_before_is_eval_before_tuning_and_after_
     record = tuning.tune_run(run, "tune", "f1", log=quiet)
     assert_figures_equal(untuned, record["before"])  # tune's "before" is eval's before tuning, exactly
     assert record["under"]["min_size"] == {"stripe": 30, "background": 4}
-    result = invoke("eval", "--checkpoint", run, "--split", "tune", "--out", tmp_path / "after")
+    result = invoke("eval", run, "--split", "tune", "--out", tmp_path / "after")
     assert result.exit_code == 0, result.output
     tuned = json.loads((tmp_path / "after" / "metrics.json").read_text())
     assert_figures_equal(tuned, record["after"])  # and its "after" is eval's after tuning
@@ -562,7 +562,7 @@ def test_a_point_tuned_under_one_prior_correction_is_not_applied_under_another(s
         assert key in stale[0], stale
     # eval under the changed config scores the untuned rule and reports no operating point
     set_predict(run, prior_correction="none", min_size=None)
-    result = invoke("eval", "--checkpoint", run, "--split", "tune", "--out", tmp_path / "e")
+    result = invoke("eval", run, "--split", "tune", "--out", tmp_path / "e")
     assert result.exit_code == 0 and "chosen under other settings" in result.output
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["decision"]["rule"] == "argmax" and "operating_point" not in metrics
@@ -613,7 +613,7 @@ def test_several_classes_tune_tau_and_post_processing(tmp_path):
     if record["level"] == "postprocess":
         assert set(record["postprocess"]) == {"background", "stripe", "square"}
     assert record["after"]["objective"] >= record["before"]["objective"]
-    assert invoke("eval", "--checkpoint", tmp_path / "run").exit_code == 0
+    assert invoke("eval", tmp_path / "run").exit_code == 0
     metrics = json.loads((tmp_path / "run" / "eval_val" / "metrics.json").read_text())
     assert metrics["decision"]["prior_correction"]["tau"] == record["tau"]
     assert metrics["decision"]["prior_correction"]["bias"] == record["bias"]

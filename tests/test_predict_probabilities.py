@@ -154,11 +154,11 @@ def test_the_cli_keeps_png_by_default_and_writes_npy_when_asked(runs, tmp_path):
 
     image = _image(tmp_path / "x.png", (24, 24, 3))
     runner = CliRunner()
-    result = runner.invoke(cli, ["predict", str(image), "--checkpoint", str(runs[2]), "--out", str(tmp_path / "png"),
+    result = runner.invoke(cli, ["predict", str(runs[2]), str(image), "--out", str(tmp_path / "png"),
                                  "--probabilities"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["x.png", "x_prob_stripe.png"]
-    result = runner.invoke(cli, ["predict", str(image), "--checkpoint", str(runs[2]), "--out", str(tmp_path / "npy"),
+    result = runner.invoke(cli, ["predict", str(runs[2]), str(image), "--out", str(tmp_path / "npy"),
                                  "--probabilities-format", "npy"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "npy").iterdir()) == ["x.npy", "x.png"]

@@ -12,7 +12,7 @@ policy.json, with a message to tune again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import click
 import numpy as np
@@ -93,16 +93,16 @@ def calibration_line(record: dict) -> str:
 
 
 def calibrate_run(checkpoint, split: Optional[str] = None, data_root: Optional[str] = None,
-                  log=click.echo) -> dict:
-    """`segtrain calibrate RUN [--split S] [--data DIR]`: fit the temperature of the run's model on a labelled split
-    (default: the run's data.val_split) and store it in RUN/policy.json."""
+                  log=click.echo, overrides: Sequence[str] = ()) -> dict:
+    """`segtrain calibrate RUN [--split S] [--data DIR] [--set predict.KEY=VALUE]`: fit the temperature of the run's
+    model on a labelled split (default: the run's data.val_split) and store it in RUN/policy.json."""
     from segtrain.data.discovery import find_pairs
     from segtrain.data.masks import MaskMapping
     from segtrain.policy.predictor import Predictor
     from segtrain.runs import resolve_checkpoint, run_config
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
-    config = run_config(run_dir)
+    config = run_config(run_dir, overrides)
     split = split or config.data.val_split
     if data_root is not None:
         config.data.root = data_root

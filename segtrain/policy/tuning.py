@@ -33,7 +33,7 @@ Default: `cost` when the run has costs, else `f1` for two classes and `iou` for 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import click
 import numpy as np
@@ -385,8 +385,8 @@ def figures(cm: np.ndarray, class_names, objective: str, cost_matrix) -> dict:
 
 
 def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] = None, postprocess: bool = True,
-             data_root: Optional[str] = None, log=click.echo) -> dict:
-    """`segtrain tune RUN`: search the operating point on `split` (default: the run's data.val_split), check it on
+             data_root: Optional[str] = None, log=click.echo, overrides: Sequence[str] = ()) -> dict:
+    """`segtrain tune RUN` (`overrides`: predict.* KEY=VALUE applied to the run's config in memory): search the operating point on `split` (default: the run's data.val_split), check it on
     held-out folds, and store it in RUN/policy.json when it beats the untuned rule there (module docstring).
     Returns the record (with `written` False when nothing was stored)."""
     from segtrain.data.discovery import find_pairs
@@ -397,7 +397,7 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     from segtrain.runs import resolve_checkpoint, run_config
 
     model_path, run_dir = resolve_checkpoint(checkpoint)
-    config = run_config(run_dir)
+    config = run_config(run_dir, overrides)
     split = split or config.data.val_split
     if data_root is not None:
         config.data.root = data_root
