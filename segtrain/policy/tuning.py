@@ -14,8 +14,9 @@ What is searched, in levels (each on top of the ones before; `segtrain.policy.po
    predict.min_size / max_hole for every class.
 Ties go to the candidate closest to the untuned setting (threshold 0.5, tau 0, bias 0, size 0).
 
-How far to go is decided on held-out images: the split's images are cut into `FOLDS` seeded folds (one image
-per fold below that); for each fold every level is searched on the other folds and applied, exactly as eval
+How far to go is decided on held-out images: the split's images are cut into `FOLDS` contiguous folds in file
+order (one image per fold below that; neighbouring files are often neighbouring video frames, which shuffled
+folds would leak); for each fold every level is searched on the other folds and applied, exactly as eval
 will apply it, to the fold's images. The held-out confusion matrices, summed over the folds, give each level's
 cross-validated objective beside the untuned rule's on the same images. The level with the best estimate is
 then searched on the whole split and written; when no level beats the untuned rule on that estimate, nothing is
@@ -52,6 +53,7 @@ BIAS_PENALTY = 0.01
 """Objective points given up per unit of mean |bias| (0.01: one IoU point for a mean bias of 1)."""
 FOLDS = 5
 SEED = 0
+"""Seed of the class biases' pixel sample."""
 LEVELS = ("threshold_or_tau", "class_biases", "postprocess")
 
 
@@ -316,12 +318,14 @@ class TuningData:
         return total
 
 
-def fold_assignment(images: int, folds: int = FOLDS, seed: int = SEED) -> np.ndarray:
-    """Each image's fold (0..folds-1, at most one fold per image), by a seeded permutation."""
+def fold_assignment(images: int, folds: int = FOLDS) -> np.ndarray:
+    """Each image's fold (0..folds-1, at most one fold per image): contiguous blocks in the split's file order,
+    sizes differing by at most one. Neighbouring files are often neighbouring frames of one video or tiles of
+    one scene; shuffled folds let them leak across folds, and on CamVid that made the estimate pick class biases
+    that lost on the other half of val (docs/BENCHMARKS.md)."""
     folds = min(folds, images)
-    fold_of = np.empty(images, np.int64)
-    fold_of[np.random.default_rng(seed).permutation(images)] = np.arange(images) % folds
-    return fold_of
+    sizes = np.full(folds, images // folds) + (np.arange(folds) < images % folds)
+    return np.repeat(np.arange(folds), sizes)
 
 
 def cross_validate(data: TuningData, objective: str, costs, postprocess: bool, grid) -> Optional[dict]:
