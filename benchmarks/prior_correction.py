@@ -1,7 +1,7 @@
 """CamVid: class weights, and a decision that undoes what they cost (prior correction, tau tuned on labelled data).
 
 configs/camvid.yaml trained twice for the same steps and seed, with `loss.class_weights: none` and
-`median_frequency`. CamVid's val split (one 101-frame drive) is cut into two fixed halves in file order:
+`median_frequency` (max weight 20), both with `predict.prior_correction: tuned` for the tuned rows. CamVid's val split (one 101-frame drive) is cut into two fixed halves in file order:
 `val_a` (the first 51 frames) picks best.keras, fits the temperature and tunes tau; `val_b` (the last 50)
 is only reported on. Rows, all on val_b, whole images:
 - none: unweighted training, arg-max;
@@ -173,7 +173,8 @@ def main() -> None:
             if args.reuse and (runs[weights] / "best.keras").is_file():
                 continue
             config = load_config(REPO / "configs" / "camvid.yaml",
-                                 overrides + args.overrides + [f"loss.class_weights={weights}"])
+                                 overrides + args.overrides + [f"loss.class_weights={weights}",
+                                                               "loss.max_weight=20", "predict.prior_correction=tuned"])
             set_budget(config, steps, epochs=1 if args.tiny else 8, validations=1 if args.tiny else 4)
             metrics = timed_run_fit(config, runs[weights])
             print(f"{weights}: {steps} steps in {metrics['train_seconds'] / 60:.2f} min", flush=True)
