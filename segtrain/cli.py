@@ -148,8 +148,12 @@ TTA_HELP = "Average over flips (default: the run's predict.tta, off unless set).
 @click.option("--tta/--no-tta", default=None, help=TTA_HELP)
 @click.option("--worst", type=click.IntRange(min=0), default=6, show_default=True, metavar="K",
               help="Rows of worst_images.png: the K images of lowest mean foreground IoU (0: no gallery).")
+@click.option("--all-images", is_flag=True,
+              help="Score every image of the split, also when `segtrain tune --holdout` tuned on some of them "
+                   "(default then: only the held-out images).")
 @run_overrides
-def eval_command(run, checkpoint, data_root, split, out, decision, threshold, relaxed_rho, tta, worst, overrides):
+def eval_command(run, checkpoint, data_root, split, out, decision, threshold, relaxed_rho, tta, worst, all_images,
+                 overrides):
     """Per-class and per-image metrics of RUN's model on a labelled split.
 
     RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
@@ -160,7 +164,7 @@ def eval_command(run, checkpoint, data_root, split, out, decision, threshold, re
     from segtrain.evaluation import evaluate_checkpoint
 
     evaluate_checkpoint(str(model_path), data_root, split, Path(out) if out else None, decision, threshold,
-                        relaxed_rho, worst=worst, tta=tta, overrides=overrides)
+                        relaxed_rho, worst=worst, tta=tta, overrides=overrides, all_images=all_images)
 
 
 @cli.command(short_help="Write one mask per image with a run's model.")
@@ -298,8 +302,12 @@ def calibrate(run, split, data_root, overrides):
 @click.option("--postprocess/--no-postprocess", default=True, show_default=True,
               help="Also choose per-class post-processing (remove small components, fill small holes).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Data set root (default: the run's data.root).")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="SHARE",
+              help="Hold out this share of the split's images (seeded, by file stem) from tuning; `segtrain eval "
+                   "RUN --split SPLIT` then reports on them only.")
+@click.option("--holdout-seed", type=int, default=0, show_default=True, help="Seed of the --holdout choice.")
 @run_overrides
-def tune(run, split, objective, postprocess, data_root, overrides):
+def tune(run, split, objective, postprocess, data_root, holdout, holdout_seed, overrides):
     """Choose RUN's operating point on a labelled split, check it on held-out images of that split, and store it in
     RUN/policy.json when it beats the untuned rule there: the threshold (two classes) or, with
     predict.prior_correction: tuned, the prior-correction tau (and with several classes one bias per class), and
@@ -308,10 +316,17 @@ def tune(run, split, objective, postprocess, data_root, overrides):
     RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
     model_path, _, config = _open_run("tune", run, overrides=overrides)
     split = _check_split(config, data_root, split)
+    if holdout is not None:  # a share leaving no image on a side: exit 2 before TensorFlow loads
+        from segtrain.data.discovery import find_pairs
+        from segtrain.policy.tuning import holdout_stems
+
+        root = data_root if data_root is not None else config.data.root
+        holdout_stems([p.stem for p in find_pairs(root, split)], holdout, holdout_seed, repr(split))
     _import_tensorflow_quietly()
     from segtrain.policy.tuning import tune_run
 
-    tune_run(str(model_path), split, objective, postprocess, data_root, log=click.echo, overrides=overrides)
+    tune_run(str(model_path), split, objective, postprocess, data_root, log=click.echo, overrides=overrides,
+             holdout=holdout, holdout_seed=holdout_seed)
 
 
 @cli.command(short_help="Write a config planned from the data set itself.")

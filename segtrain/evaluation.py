@@ -23,6 +23,11 @@ Calibration: eval also counts every valid pixel's top-class confidence in 15 equ
 run's temperature (policy.json), both from the same logits, and reports the expected calibration error
 of both (metrics.json `calibration`, printed) and their reliability diagram (`reliability.png`).
 
+Holdout: when the tuned point in force was tuned on the split evaluated with `segtrain tune --holdout`, eval
+scores only the images tune held out (policy.json `tuned.holdout.images`, by file stem) and records
+`images_scored: "holdout"` in metrics.json; those figures are not optimistic. `all_images` (`--all-images`)
+scores every image (`images_scored: "all"`, with the optimistic warning).
+
 Thresholds (two classes): the best-F1 and least-cost marks of pr_curve.png and metrics.json `thresholds`
 are on q, the probability the rule reads (`segtrain.policy.policy`), so `--threshold` at a mark gives
 that mark's figures.
@@ -220,23 +225,49 @@ def calibration_metrics(before, after, temperature) -> dict:
             "ece_bins": before.bins, "reliability_before": before.curve(), "reliability_after": after.curve()}
 
 
+def holdout_selection(tuned: Optional[dict], split: str, pairs: list[Pair], all_images: bool = False,
+                      log=click.echo) -> tuple[list[Pair], Optional[dict]]:
+    """(the pairs to score, metrics.json's `images_scored` fields or None). With a tuned point in force that was
+    tuned on `split` with a holdout: only the held-out images, unless `all_images`; otherwise every pair."""
+    from segtrain.errors import DataError
+
+    holdout = (tuned or {}).get("holdout") if (tuned or {}).get("split") == split else None
+    if not holdout:
+        return pairs, None
+    stems = set(holdout.get("images") or [])
+    if all_images:
+        return pairs, {"images_scored": "all", "holdout_images": len(stems)}
+    kept = [p for p in pairs if p.stem in stems]
+    if not kept:
+        raise DataError(f"none of the {len(stems)} images tune held out of {split} (policy.json) are in this split "
+                        "any more; --all-images scores every image, or run `segtrain tune` again.")
+    log(f"Scoring the {len(kept)} images tune held out of {split} (policy.json); --all-images scores all "
+        f"{len(pairs)}")
+    return kept, {"images_scored": "holdout", "holdout_images": len(kept)}
+
+
 def evaluate_run(model_path: Path, config: Config, pairs: list[Pair], mapping: MaskMapping, out_dir: Path,
                  split: str, overrides: Optional[Overrides] = None, relaxed_rho: Optional[float] = None,
-                 log=click.echo, worst: int = DEFAULT_WORST) -> dict:
+                 log=click.echo, worst: int = DEFAULT_WORST, all_images: bool = False) -> dict:
     """Evaluate a saved model on the labelled `pairs` of `split` under its resolved policy (`overrides`: from the
-    command line), print the table, write reports into out_dir; return the metrics."""
+    command line), print the table, write reports into out_dir; return the metrics. When the tuned point in force
+    was tuned on `split` with a holdout, only the held-out images are scored unless `all_images` (module docstring)."""
     if relaxed_rho is not None and len(config.data.classes) != 2:
         raise ConfigError("--relaxed: relaxed precision and recall are defined for two classes only.")
     predictor = Predictor.load(model_path, config, overrides, log=log)
+    resolved = predictor.resolved
+    pairs, scored = holdout_selection(resolved.tuned if resolved is not None else None, split, pairs, all_images, log)
     log(f"Evaluating {model_path} on {split} ({len(pairs)} images)")
     return evaluate_split(SplitLogits(predictor, pairs, mapping, "evaluating"), split, out_dir, relaxed_rho, log,
-                          worst, model_path)
+                          worst, model_path, scored)
 
 
 def evaluate_split(split_logits: SplitLogits, split: str, out_dir: Path, relaxed_rho: Optional[float] = None,
-                   log=click.echo, worst: int = DEFAULT_WORST, model_path: Optional[Path] = None) -> dict:
+                   log=click.echo, worst: int = DEFAULT_WORST, model_path: Optional[Path] = None,
+                   scored: Optional[dict] = None) -> dict:
     """The metrics of a split's logits under their predictor's policy, printed and written into out_dir
-    (metrics.json, per_class.csv, per_image.csv, plots)."""
+    (metrics.json, per_class.csv, per_image.csv, plots). `scored`: `holdout_selection`'s fields, recorded in
+    metrics.json; with images_scored "holdout" the tuned-on-this-split warning does not apply."""
     from segtrain.atomic import write_json
     from segtrain.metrics import RelaxedPrecisionRecall, metrics_from_confusion
     from segtrain.policy.calibration import ReliabilityBins
@@ -256,12 +287,14 @@ def evaluate_split(split_logits: SplitLogits, split: str, out_dir: Path, relaxed
     tuned = resolved.tuned if resolved is not None else None
     if tuned is not None:
         metrics["operating_point"] = {k: tuned.get(k) for k in ("split", "objective", "images", "pixels")}
-        if tuned.get("split") == split:
+        if tuned.get("split") == split and (scored or {}).get("images_scored") != "holdout":
             metrics["operating_point"]["warning"] = (
                 f"the operating point was tuned on {split!r}, the split scored here: these figures are optimistic; "
                 "tune on another labelled split to report honestly.")
     metrics["model"] = str(model_path) if model_path is not None else None
     metrics["split"] = split
+    if scored:
+        metrics.update(scored)
     write_reports(metrics, histogram, out_dir, policy.cost_matrix, per_image, reliability, policy.temperature)
     log(format_metrics_table(metrics))
     log(f"Decision: {policy.describe()}")
@@ -287,12 +320,13 @@ def _fmt(value) -> str:
 def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], split: Optional[str],
                         out_dir: Optional[Path], decision: Optional[str] = None, threshold: Optional[float] = None,
                         relaxed_rho: Optional[float] = None, log=click.echo, worst: int = DEFAULT_WORST,
-                        tta: Optional[bool] = None, overrides: Sequence[str] = ()) -> dict:
+                        tta: Optional[bool] = None, overrides: Sequence[str] = (), all_images: bool = False) -> dict:
     """`segtrain eval`: metrics of a run's model on a labelled split (default: the run's data.val_split).
 
     Writes metrics.json, per_class.csv, per_image.csv (see the module docstring for the absent-class
     rule) and the plots, worst_images.png with the `worst` lowest-ranked images, into out_dir. `overrides`:
-    `predict.*` KEY=VALUE settings applied to the run's config in memory (`segtrain.runs.run_config`)."""
+    `predict.*` KEY=VALUE settings applied to the run's config in memory (`segtrain.runs.run_config`).
+    `all_images`: score every image even when tune held some out of this split (module docstring)."""
     model_path, run_dir = resolve_checkpoint(checkpoint)
     config = run_config(run_dir, overrides)
     if split is None:
@@ -303,7 +337,7 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
     mapping = MaskMapping(config.data.mask, config.data.classes)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"eval_{split}"
     metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, split, Overrides(decision, threshold, tta),
-                           relaxed_rho, log=log, worst=worst)
+                           relaxed_rho, log=log, worst=worst, all_images=all_images)
     metrics["data_root"] = str(config.data.root)
     from segtrain.atomic import write_json
 

@@ -623,3 +623,101 @@ def test_tune_refuses_a_missing_split_with_exit_2(stripes_run):
     result = invoke("tune", stripes_run, "--split", "nope")
     assert result.exit_code == 2 and "nope" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in stripes_run.iterdir()) == before  # nothing written
+
+
+# ---------------------------------------------------------------------------- --holdout
+
+
+def test_holdout_stems_are_a_seeded_reproducible_subset_of_the_right_size():
+    stems = [f"img{i:02d}" for i in range(10)]
+    held = tuning.holdout_stems(stems, 0.3, seed=0)
+    assert len(held) == 3 and held == sorted(held) and set(held) <= set(stems)
+    assert tuning.holdout_stems(stems[::-1], 0.3, seed=0) == held  # by stem: the listing order does not matter
+    assert tuning.holdout_stems(stems, 0.3, seed=0) == held
+    assert any(tuning.holdout_stems(stems, 0.3, seed=s) != held for s in range(1, 6))  # the seed chooses
+    assert len(tuning.holdout_stems(stems, 0.25)) == 3 and len(tuning.holdout_stems(stems, 0.94)) == 9
+    from segtrain.errors import ConfigError
+
+    for share, n in ((0.0, 10), (1.0, 10), (1.5, 10), (-0.2, 10), (0.04, 10), (0.96, 10), (0.5, 1)):
+        with pytest.raises(ConfigError, match="--holdout"):
+            tuning.holdout_stems(stems[:n], share)
+
+
+def split_of(root, stems, folder):
+    """A data root whose val split holds only `stems` of root/val (symlinks)."""
+    for kind in ("images", "masks"):
+        (folder / "val" / kind).mkdir(parents=True)
+        for path in (root / "val" / kind).iterdir():
+            if path.stem in stems:
+                (folder / "val" / kind / path.name).symlink_to(path)
+    return folder
+
+
+def per_image_stems(folder):
+    import csv
+
+    with open(folder / "per_image.csv") as f:
+        return sorted({row["image"] for row in csv.DictReader(f)})
+
+
+@pytest.mark.slow
+def test_tune_holdout_tunes_on_the_others_and_eval_scores_only_the_held_out_images(stripes_run, tmp_path):
+    root = make_stripes_dataset(tmp_path / "data8", n_train=0, n_val=8, size=32, seed=3)
+    stems = sorted(p.stem for p in (root / "val" / "images").iterdir())
+    run = copy_run(stripes_run, tmp_path)
+    result = invoke("tune", run, "--data", root, "--split", "val", "--holdout", "0.25", "--objective", "f1")
+    assert result.exit_code == 0, result.output
+    held = tuning.holdout_stems(stems, 0.25, 0)
+    assert len(held) == 2
+    assert "Held out 2 of the 8 images of val" in result.output and f"segtrain eval {run} --split val" in result.output
+    assert "optimistic" not in result.output  # val is the run's eval split, but eval will report on the held-out images
+    point = stored_tuned(run)
+    assert point is not None, result.output
+    assert point["holdout"] == {"share": 0.25, "seed": 0, "images": held}
+    assert point["images"] == 8 - 2 and point["estimate"]["images"] == 6
+
+    # tuning used exactly the other images: tuning a folder of those alone, without a holdout, gives the same record
+    others = split_of(root, set(stems) - set(held), tmp_path / "others")
+    plain = copy_run(stripes_run, tmp_path / "plain")
+    record = tuning.tune_run(plain, "val", "f1", data_root=str(others), log=quiet)
+    for key in ("threshold", "postprocess", "level", "estimate", "before", "after", "pixels", "images"):
+        assert record[key] == point[key], key
+
+    # eval on val: exactly the held-out images, no optimistic warning
+    result = invoke("eval", run, "--data", root, "--split", "val", "--out", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    assert "Scoring the 2 images tune held out of val (policy.json); --all-images scores all 8" in result.output
+    assert "optimistic" not in result.output
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["images_scored"] == "holdout" and metrics["holdout_images"] == 2
+    assert "warning" not in metrics["operating_point"] and metrics["decision"]["threshold"] == point["threshold"]
+    assert per_image_stems(tmp_path / "e") == held
+    only = split_of(root, set(held), tmp_path / "only")
+    assert invoke("eval", run, "--data", only, "--split", "val", "--all-images", "--out", tmp_path / "o").exit_code == 0
+    alone = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert alone["confusion_matrix"] == metrics["confusion_matrix"]
+
+    # --all-images: every image, and the optimistic warning as without a holdout
+    result = invoke("eval", run, "--data", root, "--split", "val", "--all-images", "--out", tmp_path / "a")
+    assert result.exit_code == 0 and "optimistic" in result.output and "Scoring the" not in result.output
+    every = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert per_image_stems(tmp_path / "a") == stems and every["images_scored"] == "all"
+    assert "optimistic" in every["operating_point"]["warning"]
+    # no tuned point in force (predict.tuned=false): every image, as without a holdout
+    result = invoke("eval", run, "--data", root, "--split", "val", "--set", "predict.tuned=false", "--out",
+                    tmp_path / "u")
+    assert result.exit_code == 0 and per_image_stems(tmp_path / "u") == stems
+    assert "images_scored" not in json.loads((tmp_path / "u" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share", ["0", "1", "1.5", "0.1", "0.9"])
+def test_tune_refuses_a_bad_holdout_with_exit_2_and_writes_nothing(stripes_run, share):
+    from tests.helpers import folder_digest
+
+    before = folder_digest(stripes_run)
+    result = invoke("tune", stripes_run, "--split", "tune", "--holdout", share)  # "tune" holds 3 images
+    assert result.exit_code == 2 and "--holdout" in result.output and "Traceback" not in result.output
+    if share in ("0.1", "0.9"):
+        assert "at least one image is needed on each side" in result.output
+    assert folder_digest(stripes_run) == before

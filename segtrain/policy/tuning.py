@@ -20,8 +20,13 @@ folds would leak); for each fold every level is searched on the other folds and 
 will apply it, to the fold's images. The held-out confusion matrices, summed over the folds, give each level's
 cross-validated objective beside the untuned rule's on the same images. The level with the best estimate is
 then searched on the whole split and written; when no level beats the untuned rule on that estimate, nothing is
-written. "before" and "after" are always the exact rule eval applies, scored on every image of the split
+written. "before" and "after" are always the exact rule eval applies, scored on every tuning image of the split
 ("after" is optimistic: it is scored on the images it was chosen on).
+
+With `--holdout SHARE`, a seeded share of the split's images (`holdout_stems`: by file stem, at least one image
+on each side) is set aside first and takes no part in tuning (nor in its cross-validation); the tuned record
+keeps `holdout` {share, seed, images: the held-out stems, sorted}, and `segtrain eval` on that split then scores
+only those images by default (`segtrain.evaluation`).
 
 Objectives, on a confusion matrix (higher is better; ignored pixels count nowhere):
 - `f1`: the foreground's F1 (two classes), else the mean F1 (Dice) over the classes present;
@@ -55,6 +60,8 @@ FOLDS = 5
 SEED = 0
 """Seed of the class biases' pixel sample."""
 LEVELS = ("threshold_or_tau", "class_biases", "postprocess")
+HOLDOUT_SEED = 0
+"""Default seed of `--holdout`'s choice of images."""
 
 
 # ---------------------------------------------------------------------------- the objectives
@@ -372,6 +379,23 @@ def choose_level(estimate: Optional[dict], candidates: list[str]) -> Optional[st
 # ---------------------------------------------------------------------------- the command
 
 
+def holdout_stems(stems: Sequence[str], share: float, seed: int = HOLDOUT_SEED, split: str = "the split") -> list[str]:
+    """The stems `--holdout share` sets aside, sorted: round(share x n) images (halves up) drawn with `seed` from the
+    sorted stems, so the same files, share and seed give the same images. A ConfigError (exit 2) unless
+    0 < share < 1 and at least one image stays on each side."""
+    if not 0.0 < float(share) < 1.0:
+        raise ConfigError(f"--holdout: expected a share of the images strictly between 0 and 1, got {share!r}.")
+    stems = sorted(set(str(s) for s in stems))
+    n = len(stems)
+    held = int(np.floor(float(share) * n + 0.5))
+    if held < 1 or held > n - 1:
+        raise ConfigError(f"--holdout {share:g}: {split} has {n} image{'s' if n != 1 else ''}, so it would hold out "
+                          f"{held} and tune on {n - held}; at least one image is needed on each side. Choose another "
+                          "share or a larger split.")
+    chosen = np.random.default_rng(int(seed)).choice(n, size=held, replace=False)
+    return sorted(stems[i] for i in chosen)
+
+
 def figures(cm: np.ndarray, class_names, objective: str, cost_matrix) -> dict:
     """The before/after summary: the objective, mean IoU, pixel accuracy, mean cost and the foreground's
     precision, recall, F1, IoU (two classes)."""
@@ -389,9 +413,12 @@ def figures(cm: np.ndarray, class_names, objective: str, cost_matrix) -> dict:
 
 
 def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] = None, postprocess: bool = True,
-             data_root: Optional[str] = None, log=click.echo, overrides: Sequence[str] = ()) -> dict:
-    """`segtrain tune RUN` (`overrides`: predict.* KEY=VALUE applied to the run's config in memory): search the operating point on `split` (default: the run's data.val_split), check it on
-    held-out folds, and store it in RUN/policy.json when it beats the untuned rule there (module docstring).
+             data_root: Optional[str] = None, log=click.echo, overrides: Sequence[str] = (),
+             holdout: Optional[float] = None, holdout_seed: int = HOLDOUT_SEED) -> dict:
+    """`segtrain tune RUN` (`overrides`: predict.* KEY=VALUE applied to the run's config in memory): search the
+    operating point on `split` (default: the run's data.val_split), check it on held-out folds, and store it in
+    RUN/policy.json when it beats the untuned rule there (module docstring). `holdout`: the share of the split's
+    images set aside (seeded by `holdout_seed`) for eval to report on; they take no part in tuning.
     Returns the record (with `written` False when nothing was stored)."""
     from segtrain.data.discovery import find_pairs
     from segtrain.data.masks import MaskMapping
@@ -412,9 +439,14 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}.")
     pairs = find_pairs(config.data.root, split)
+    held_out = None
+    if holdout is not None:  # checked before anything loads or is written
+        held_out = holdout_stems([p.stem for p in pairs], holdout, holdout_seed, repr(split))
+        total, out = len(pairs), set(held_out)
+        pairs = [p for p in pairs if p.stem not in out]
     predictor = Predictor.load(model_path, config, log=log, use_tuned=False)
     base = predictor.policy
-    if split == config.data.val_split:
+    if split == config.data.val_split and held_out is None:
         log(f"warning: tuning on {split!r}, the split `segtrain eval` reports by default: eval's figures on it after "
             "tuning are optimistic (the held-out estimate below is not). Tune on another labelled split to report "
             "honestly.")
@@ -435,6 +467,8 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
                            "bias": ({"grid": list(BIAS_GRID), "rounds": BIAS_ROUNDS, "penalty": BIAS_PENALTY,
                                      "pixels": int(len(data.sample.labels))} if data.search_bias else None),
                            "sizes": list(grid) if postprocess else None}}
+    if held_out is not None:
+        record["holdout"] = {"share": float(holdout), "seed": int(holdout_seed), "images": held_out}
     tuned, after = {}, before
     if level is not None:
         tuned = data.search(range(data.images), objective, costs, postprocess, grid)[LEVELS.index(level)]
@@ -457,6 +491,10 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     path = write_stored(stored, run_dir)
     record["written"] = level is not None
     log(format_tuning(record, classes))
+    if held_out is not None:
+        log(f"Held out {len(held_out)} of the {total} images of {split} (share {holdout:g}, seed {holdout_seed}); "
+            + (f"`segtrain eval {run_dir} --split {split}` will report on them." if level is not None else
+               "nothing was written, so eval scores every image under the untuned rule."))
     if level is not None:
         log(f"Wrote the operating point to {path}: eval, predict and export apply it (predict.tuned: false turns it "
             "off).")
@@ -481,7 +519,9 @@ def format_tuning(record: dict, classes) -> str:
         steps = ([f"remove components < {n} px"] if n else []) + ([f"fill holes < {m} px"] if m else [])
         if steps:
             chosen.append(f"{name}: {', '.join(steps)}")
-    lines = [f"Tuned on {record['split']} ({record['images']} images, {record['pixels']} labelled pixels) for "
+    held = record.get("holdout")
+    held = f", {len(held['images'])} more held out" if held else ""
+    lines = [f"Tuned on {record['split']} ({record['images']} images{held}, {record['pixels']} labelled pixels) for "
              f"{record['objective']}: " + ("; ".join(chosen) if chosen else "nothing better than the untuned rule")]
     estimate = record.get("estimate")
     if estimate is not None:
