@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from segtrain.config import load_config
-    from segtrain.policy.rules import decision_cost_matrix
+    from segtrain.decision import decision_cost_matrix
     from segtrain.policy.tuning import tune_run
 
     print(machine_line(), flush=True)

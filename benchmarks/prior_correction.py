@@ -90,7 +90,7 @@ def temperatures(run_dir: Path, data_root: Path) -> list[dict]:
     from segtrain.metrics import metrics_from_confusion
     from segtrain.policy.calibration import PixelSample, expected_calibration_error
     from segtrain.policy.predictor import Predictor, SplitLogits
-    from segtrain.policy.rules import decide
+    from segtrain.decision import decide
     from segtrain.policy.temperature import (apply_temperature, fit_class_temperatures, fit_temperature,
                                              negative_log_likelihood)
     from segtrain.policy.tuning import confusion

@@ -251,7 +251,7 @@ class TrainConfig:
     @property
     def budget_seconds(self) -> Optional[float]:
         """`budget` in seconds (None without a budget)."""
-        from segtrain.engine.budget import parse_duration
+        from segtrain.value_types import parse_duration
 
         return None if self.budget is None else parse_duration(self.budget)
 
@@ -277,7 +277,7 @@ class PredictConfig:
     fn_cost: Optional[PerClass] = None
     cost_matrix: Optional[CostMatrix] = None
     """Full K x K decision cost matrix C[true][pred]; overrides fp_cost/fn_cost. Without any of the three,
-    decision=cost uses the cost_sensitive loss term's matrix (segtrain.policy.rules.decision_cost_matrix)."""
+    decision=cost uses the cost_sensitive loss term's matrix (segtrain.decision.decision_cost_matrix)."""
     calibrate: bool = True
     """Use the temperature in the run's policy.json (fitted by `fit` and `segtrain calibrate`) wherever
     probabilities become decisions or are written out; false: the model's own probabilities."""

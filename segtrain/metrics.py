@@ -26,7 +26,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from segtrain.policy.rules import decide_tf, probabilities_tf
+from segtrain.decision import decide_tf, probabilities_tf
 from segtrain.labels import IGNORE_INDEX
 
 
@@ -84,7 +84,7 @@ def labels_from_logits(logits):
 
     C == 1 is binary: class 1 where sigmoid(logit) >= 0.5, i.e. logit >= 0 up to float32
     rounding (a logit of exactly 0 is foreground). C >= 2: the argmax of the softmax (ties to the lowest index).
-    Computed in float32 (float16 logits welcome) through `segtrain.policy.rules.probabilities_tf`
+    Computed in float32 (float16 logits welcome) through `segtrain.decision.probabilities_tf`
     and `decide_tf`, the same functions as prediction and evaluation, so a pixel gets the
     same label in validation as from `predict` / `evaluate`.
     """

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from segtrain.config import Config, apply_override, config_from_dict, load_config, loss_config
-from segtrain.policy.rules import loss_cost_matrix
+from segtrain.decision import loss_cost_matrix
 from segtrain.errors import ConfigError
 from segtrain.losses import (
     CombinedLoss,
@@ -162,7 +162,7 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 
 
 def test_decision_costs_from_predict_section_or_loss_term(tmp_path):
-    from segtrain.policy.rules import decision_cost_matrix
+    from segtrain.decision import decision_cost_matrix
 
     own = config_from_dict({"data": {"root": "x", "classes": ["bg", "road"]},
                             "predict": {"decision": "cost", "fp_cost": {"road": 1}, "fn_cost": {"road": 4}}})

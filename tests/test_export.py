@@ -192,7 +192,7 @@ def test_b_bit_samples_export_as_uint16_scaled_by_their_own_range():
     module = serving_module(model, config, DecisionPolicy(["a", "b"]), input_type="uint12")
     raw = (np.arange(64).reshape(1, 8, 8, 1) * 64).astype(np.uint16)  # 0 .. 4032
     out = module.serve(raw)
-    from segtrain.policy.rules import probabilities_tf
+    from segtrain.decision import probabilities_tf
 
     expected = probabilities_tf(model(raw.astype(np.float32) * (255.0 / 4095.0))).numpy()
     np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-6, rtol=0)

@@ -125,7 +125,7 @@ def test_labels_from_logits_follow_the_decision_rule_of_predict_and_evaluate():
     # Validation labels (labels_from_logits) and predict/evaluate labels (probabilities ->
     # decide / decide_tf) must agree pixel for pixel, ties included: a logit of exactly 0 is
     # p = 0.5 exactly, which is foreground everywhere (decide read [0.5, 0.5] as class 0).
-    from segtrain.policy.rules import decide, decide_tf, probabilities_tf
+    from segtrain.decision import decide, decide_tf, probabilities_tf
 
     binary = np.array([0.0, -0.0, 1e-8, -1e-8, -1e-7, -3.0, 3.0], np.float32).reshape(1, 1, 7, 1)
     assert labels_from_logits(binary).numpy()[0, 0, :2].tolist() == [1, 1]

@@ -455,7 +455,7 @@ def test_bad_arguments_raise(kwargs, match):
 def test_zero_logit_is_foreground_in_prediction_as_in_validation():
     # An identity "model": the image is the logit map. A logit of exactly 0 must be labelled
     # the same by prediction (probabilities -> decide) as by validation (labels_from_logits).
-    from segtrain.policy.rules import decide
+    from segtrain.decision import decide
     from segtrain.metrics import labels_from_logits
 
     inp = keras.Input((None, None, 1))

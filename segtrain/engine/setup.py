@@ -74,7 +74,7 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
 
     `prepared` is `segtrain.train.PreparedData`; `history_rows(epoch)` gives the history rows of a resumed run.
     """
-    from segtrain.policy.rules import decision_cost_matrix
+    from segtrain.decision import decision_cost_matrix
     from segtrain.data.pipeline import steps_per_epoch
     from segtrain.losses import build_loss
     from segtrain.model import build_unet, output_channels

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from segtrain.policy.rules import decide_tf, probabilities_tf
+from segtrain.decision import decide_tf, probabilities_tf
 from segtrain.losses.functional import replica_sum
 from segtrain.metrics import ConfusionMatrix, labels_from_logits
 

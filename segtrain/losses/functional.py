@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from segtrain.value_types import CostMatrix, Fraction, NonNegative, PerClass, Positive
-from segtrain.policy.rules import cost_matrix_from
+from segtrain.decision import cost_matrix_from
 from segtrain.labels import IGNORE_INDEX
 
 
@@ -219,7 +219,7 @@ def cost_sensitive_cross_entropy(
     Args:
         cost_matrix: K x K non-negative costs, zero diagonal. Defaults to the shorthand below.
         fp_cost: K prices of predicting each class where it is not (shorthand, see
-            `segtrain.policy.rules.shorthand_cost_matrix`). Defaults to ones.
+            `segtrain.decision.shorthand_cost_matrix`). Defaults to ones.
         fn_cost: K prices of missing each class. Defaults to ones; no costs at all give
             `C = 1 - I`, which for two classes is exactly binary cross-entropy.
         class_weights: None or K weights multiplying each pixel's loss by w[y].

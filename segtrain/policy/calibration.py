@@ -7,7 +7,7 @@ calibrated ones.
 
 Expected calibration error, 15 equal-width bins over the top-class confidence:
     conf_i = max_k p_ik, pred_i = the arg-max class (two classes: foreground when p_fg >= 0.5, as
-    `segtrain.policy.rules` decides), B_m = {i : (m - 1) / M < conf_i <= m / M}, m = 1..M, M = 15,
+    `segtrain.decision` decides), B_m = {i : (m - 1) / M < conf_i <= m / M}, m = 1..M, M = 15,
     ECE = sum_m |B_m| / N * | acc(B_m) - conf(B_m) |
 with acc(B_m) the share of B_m whose arg-max class is the true class and conf(B_m) the mean
 confidence of B_m. With two classes the confidence is >= 0.5, so the bins below it stay empty.

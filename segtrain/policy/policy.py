@@ -4,7 +4,7 @@ In order (each step optional):
 ```
 p      = softmax(z / T)          (sigmoid for one channel; T one temperature or one per class)
 q      = prior correction of p   (q_c ∝ p_c w_c**-tau exp(b_c): `segtrain.policy.prior`)
-labels = rule(q)                 (argmax, threshold on q_fg, or least expected cost: `segtrain.policy.rules`)
+labels = rule(q)                 (argmax, threshold on q_fg, or least expected cost: `segtrain.decision`)
 labels = postprocess(labels)     (per class: remove small components, fill small holes)
 ```
 plus `tta`, which says how the logits z are produced (flip averaging, `segtrain.policy.inference`).
@@ -27,7 +27,7 @@ import numpy as np
 from segtrain.policy.postprocess import postprocess as apply_postprocess
 from segtrain.policy.postprocess import second_choice
 from segtrain.policy.prior import foreground_cut, prior_adjust, prior_adjust_tf
-from segtrain.policy.rules import decide, decide_tf
+from segtrain.decision import decide, decide_tf
 from segtrain.policy.temperature import apply_temperature
 
 Temperature = Union[float, list]
@@ -90,7 +90,7 @@ class DecisionPolicy:
         (no post-processing)."""
         import tensorflow as tf
 
-        from segtrain.policy.rules import probabilities_tf
+        from segtrain.decision import probabilities_tf
 
         z = tf.cast(logits, tf.float32)
         temperature = self._temperature_array()

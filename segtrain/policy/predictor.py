@@ -109,10 +109,3 @@ class SplitLogits:
             self.forward_passes += 1
             if fresh is not None and len(fresh) == len(self.pairs):
                 self._cache = fresh
-
-    def scores(self, policy: Optional[DecisionPolicy] = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(truth, q, labels) of every image under `policy` (default: the predictor's)."""
-        policy = policy or self.predictor.policy
-        for _, _, truth, logits in self:
-            scores, labels = policy.apply(logits)
-            yield truth, scores, labels

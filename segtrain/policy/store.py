@@ -31,7 +31,7 @@ import click
 import numpy as np
 
 from segtrain.policy.policy import DecisionPolicy
-from segtrain.policy.rules import decision_cost_matrix
+from segtrain.decision import decision_cost_matrix
 
 POLICY_FILE = "policy.json"
 LEGACY_CALIBRATION_FILE = "calibration.json"

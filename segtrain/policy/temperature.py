@@ -39,7 +39,7 @@ def _temperatures(temperature, channels: int):
 def apply_temperature(logits, temperature=1.0) -> np.ndarray:
     """Probabilities (..., K) float64 of logits (..., C) divided by T (a scalar, or (C,) for C >= 2):
     sigmoid -> [1 - p, p] for C == 1, softmax otherwise (the NumPy twin of
-    `segtrain.policy.rules.probabilities_tf` at T = 1)."""
+    `segtrain.decision.probabilities_tf` at T = 1)."""
     z = np.asarray(logits, dtype=np.float64)
     s = z / _temperatures(temperature, z.shape[-1])
     if s.shape[-1] == 1:

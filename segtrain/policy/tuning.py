@@ -32,7 +32,7 @@ Objectives, on a confusion matrix (higher is better; ignored pixels count nowher
 - `f1`: the foreground's F1 (two classes), else the mean F1 (Dice) over the classes present;
 - `iou`: the foreground's IoU (two classes), else the mean IoU over the classes present;
 - `cost`: minus the mean cost per pixel, sum_ij cm[i][j] C[i][j] / sum(cm), with C the run's decision
-  cost matrix (`segtrain.policy.rules.decision_cost_matrix`), or 1 - I (the error rate) without one.
+  cost matrix (`segtrain.decision.decision_cost_matrix`), or 1 - I (the error rate) without one.
 Default: `cost` when the run has costs, else `f1` for two classes and `iou` for several.
 """
 
@@ -133,16 +133,9 @@ def tau_confusions(probabilities: np.ndarray, truth: np.ndarray, policy, grid=TA
     k = policy.num_classes
     out = np.zeros((len(grid), k, k), np.int64)
     for i, tau in enumerate(grid):
-        out[i] = confusion(truth, replace(policy, tau=float(tau), bias=None).decide(policy_scores(policy, tau,
-                                                                                                  probabilities)), k)
+        candidate = replace(policy, tau=float(tau), bias=None)
+        out[i] = confusion(truth, candidate.decide(candidate.scores(probabilities)), k)
     return out
-
-
-def policy_scores(policy, tau: float, probabilities: np.ndarray, bias=None) -> np.ndarray:
-    """q under `policy` with its tau and bias replaced."""
-    from segtrain.policy.prior import prior_adjust
-
-    return prior_adjust(probabilities, policy.class_weights, tau, bias)
 
 
 def bias_search(probs: np.ndarray, truth: np.ndarray, policy, tau: float, objective: str, cost_matrix=None,
@@ -423,7 +416,7 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     from segtrain.data.discovery import find_pairs
     from segtrain.data.masks import MaskMapping
     from segtrain.policy.predictor import Predictor, SplitLogits
-    from segtrain.policy.rules import decision_cost_matrix
+    from segtrain.decision import decision_cost_matrix
     from segtrain.policy.store import StoredPolicy, read_stored, tuning_conditions, write_stored
     from segtrain.runs import resolve_checkpoint, run_config
 

@@ -8,7 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from segtrain.policy.rules import binary_threshold, decide, decide_tf, probabilities_tf  # noqa: E402
+from segtrain.decision import binary_threshold, decide, decide_tf, probabilities_tf  # noqa: E402
 from segtrain.errors import ConfigError  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def test_probabilities_tf_binary_and_softmax():
 
 
 def test_shorthand_costs_are_the_outer_product_off_the_diagonal_and_free_misses_zero_rows():
-    from segtrain.policy.rules import cost_matrix_from, shorthand_cost_matrix
+    from segtrain.decision import cost_matrix_from, shorthand_cost_matrix
 
     fp, fn = [1.0, 2.0, 5.0], [3.0, 1.0, 0.5]
     expected = [[0 if t == p else fn[t] * fp[p] for p in range(3)] for t in range(3)]  # C[true][pred]
