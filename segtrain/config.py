@@ -118,6 +118,10 @@ class DataConfig:
     """Class-aware crops: class name -> share of training crops centred on a random pixel of that class (e.g.
     {crack: 0.5}); shares sum to <= 1, the rest are placed uniformly, and an image without the class gets a uniform
     crop. Needs data.crop. Empty: every crop uniform."""
+    val_fraction: Optional[Fraction] = None
+    """Hold out this share of the `train_split` images as the validation split (seeded by train.seed, stratified by
+    which classes each image holds), for data sets without a `val_split` folder. The held-out file names are
+    recorded in the run folder (split.json): eval, calibrate and tune read the same images. null: use val_split."""
     normalize: Literal["fixed", "dataset"] = "fixed"
     """How the model scales the pixels it reads (0..255 by the fixed per-sample-type rule): `fixed` maps 0..255 to
     [-1, 1]; `dataset` clips each channel to its 0.5th..99.5th percentiles over a seeded sample of training pixels
@@ -136,6 +140,20 @@ class ModelConfig:
     batch_norm: bool = True
     dropout: float = 0.0
     """Dropout rate at the bottleneck."""
+    encoder: str = "none"
+    """none: the plain U-Net above; else a `keras.applications` backbone as the U-Net's encoder, one of
+    `segtrain.encoders.catalog.ENCODER_NAMES` (skips at strides 2..32; depth and base_filters are then unused)."""
+    encoder_weights: str = "imagenet"
+    """With an encoder: imagenet (Keras's own download cache), a local weights file (PATH), or none (random)."""
+    decoder_filters: Optional[list[int]] = None
+    """With an encoder: the decoder's widths from the deepest level up (5 levels); null: [256, 128, 64, 32, 16]."""
+
+    @property
+    def divisor(self) -> int:
+        """Image sides must be multiples of this: 2**depth, or the encoder's total stride."""
+        from segtrain.encoders.catalog import ENCODER_STRIDE
+
+        return 2**self.depth if self.encoder == "none" else ENCODER_STRIDE
 
 
 @dataclass
@@ -244,6 +262,13 @@ class TrainConfig:
     steps_per_execution: Union[int, Literal["auto"]] = "auto"
     """Optimizer steps run inside one compiled call; the losses, progress bar, NaN and signal checks are read once per
     call. auto: 32 on a GPU, 8 on the CPU. Checkpoints still fall exactly on epoch ends and checkpoint_every_steps."""
+    freeze_encoder_epochs: NonNegative = 0.0
+    """With model.encoder: train the decoder alone for this many epochs (the encoder frozen, its BatchNorm in
+    inference mode), then the whole model. Under a budget, epochs of the planned schedule."""
+    freeze_encoder_steps: Optional[int] = None
+    """Like freeze_encoder_epochs, in optimizer steps (set one of the two)."""
+    encoder_lr_scale: Positive = 0.1
+    """With model.encoder: the encoder's learning rate is the schedule's times this once it is unfrozen."""
     jit_compile: Union[bool, Literal["auto"]] = "auto"
     """Compile the train and validation steps with XLA. auto: on a CUDA GPU with one replica and deterministic off;
     off on the CPU (no gain measured there) and where XLA fails (several replicas, deterministic ops)."""
@@ -295,6 +320,18 @@ class PredictConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (an optional extra)."""
+
+    backend: Literal["none", "mlflow"] = "none"
+    """mlflow: log params, per-epoch metrics, the final per-class metrics and the run folder to MLflow."""
+    uri: Optional[str] = None
+    """MLflow tracking URI: a folder, file:///..., or sqlite:///file.db; null: mlruns/ in the working directory."""
+    experiment: str = "segtrain"
+    """MLflow experiment name."""
+
+
+@dataclass
 class Config:
     """A whole segtrain config."""
 
@@ -303,6 +340,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    tracking: Union[TrackingConfig, Literal["none", "mlflow"]] = field(default_factory=TrackingConfig)
+    """Experiment tracking: a TrackingConfig, or `mlflow` / `none` as short for {backend: ...}."""
 
     @property
     def num_classes(self) -> int:
@@ -684,9 +723,11 @@ def _check_semantics(config: Config) -> None:
     """Checks within and across sections that types cannot express (ConfigError naming the key)."""
     _check_mask(config.data.mask, config.data.classes)
     _check_model(config.model)
-    _check_data(config.data, 2**config.model.depth)
+    _check_data(config.data, config.model.divisor)
     _check_train(config)
-    _check_predict_values(config.predict, 2**config.model.depth)
+    _check_predict_values(config.predict, config.model.divisor)
+    if isinstance(config.tracking, str):
+        config.tracking = TrackingConfig(backend=config.tracking)
     check_predict(config)
 
 
@@ -774,6 +815,13 @@ def _check_model(model: ModelConfig) -> None:
         raise ConfigError("model.base_filters: must be a positive integer, e.g. 16.")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError("model.dropout: must be in [0, 1).")
+    from segtrain.encoders.catalog import ENCODER_NAMES
+
+    if model.encoder != "none" and model.encoder not in ENCODER_NAMES:
+        raise ConfigError(f"model.encoder: {model.encoder!r} is not a known backbone."
+                          f"{_did_you_mean(model.encoder, ENCODER_NAMES)} Use none or one of {', '.join(ENCODER_NAMES)}.")
+    if model.decoder_filters is not None and (len(model.decoder_filters) != 5 or min(model.decoder_filters) < 1):
+        raise ConfigError("model.decoder_filters: expected 5 positive widths, deepest first, e.g. [256, 128, 64, 32, 16].")
 
 
 def _check_data(data: DataConfig, divisor: int) -> None:
@@ -791,6 +839,9 @@ def _check_data(data: DataConfig, divisor: int) -> None:
         raise ConfigError("data.shuffle_buffer: must be at least 1.")
     if data.max_image_pixels < 1:
         raise ConfigError("data.max_image_pixels: must be positive, e.g. 100000000.")
+    if data.val_fraction is not None and not 0.0 < data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {data.val_fraction} is not a share of the images; use e.g. 0.2 "
+                          "(or null to read the val_split folder).")
     _check_sampling(data)
     _check_augment(data.augment)
 
@@ -884,6 +935,12 @@ def _check_train(config: Config) -> None:
         raise ConfigError("train.early_stopping_patience: must be at least 1 (or null for no early stopping).")
     if train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints: must be at least 1.")
+    if train.freeze_encoder_steps is not None and train.freeze_encoder_steps < 0:
+        raise ConfigError("train.freeze_encoder_steps: must be 0 or more (or null).")
+    if train.freeze_encoder_steps is not None and train.freeze_encoder_epochs:
+        raise ConfigError("train.freeze_encoder_steps: set it or train.freeze_encoder_epochs, not both.")
+    if (train.freeze_encoder_epochs or train.freeze_encoder_steps) and config.model.encoder == "none":
+        raise ConfigError("train.freeze_encoder_epochs: there is no encoder to freeze; set model.encoder or remove it.")
     if train.checkpoint_every_steps is not None and train.checkpoint_every_steps < 1:
         raise ConfigError("train.checkpoint_every_steps: must be at least 1 (or null for epoch ends only).")
     columns = monitor_columns(config.data.classes)

@@ -60,7 +60,7 @@ def serving_module(model, config: Config, policy, input_type: str = "uint8"):
 
     from segtrain.policy.padding import pad_to_multiple_tf
 
-    divisor = 2**config.model.depth
+    divisor = config.model.divisor
     channels = int(model.input_shape[-1])
     dtype, top = input_spec(input_type)
 
@@ -119,7 +119,7 @@ def export_metadata(config: Config, config_text: str, channels: int, policy, inp
                                    if postprocess else None},
         "input": {"channels": channels, "dtype": input_spec(input_type)[0], "max_value": input_spec(input_type)[1],
                   "sample_type": input_type, "layout": "B x H x W x C, raw pixel values",
-                  "resize": config.data.resize, "pad_to_multiple_of": 2**config.model.depth},
+                  "resize": config.data.resize, "pad_to_multiple_of": config.model.divisor},
         "outputs": {"labels": "int32 B x H x W class indices (before post-processing)",
                     "probabilities": "float32 B x H x W x K, q: the probabilities the rule reads (calibrated and "
                                      "prior-corrected), classes in the order of `classes`"},

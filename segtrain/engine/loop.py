@@ -24,6 +24,7 @@ from typing import Optional
 import tensorflow as tf
 
 from segtrain.engine.schedules import current_learning_rate
+from segtrain.engine.epoch_files import EpochFiles
 from segtrain.engine.setup import Engine, RunData
 from segtrain.engine.state import LoopState
 from segtrain.errors import DataError, Interrupted, TrainingDiverged
@@ -32,7 +33,7 @@ from segtrain.errors import DataError, Interrupted, TrainingDiverged
 def run_training(engine: Engine, data: RunData, run_dir: Path, log) -> LoopState:
     """Train from where `engine.loop` stands to the last epoch (or an early stop); returns the loop state."""
     train, loop = engine.config.train, engine.loop
-    files = EpochFiles(run_dir, engine.chief)
+    files = EpochFiles(run_dir, engine.chief, engine, data)
     with StopFlag() as stop:
         if train.budget is not None and engine.plan is None:
             measure_and_plan(engine, data, stop, run_dir, log)
@@ -230,29 +231,6 @@ def save_checkpoint(engine: Engine, loop: LoopState, where: str, run_dir: Path) 
             f"kept in {run_dir / 'checkpoints'}. Lower train.learning_rate or set train.grad_clip_norm."
         )
     engine.checkpoint.save_loop(loop)
-
-
-class EpochFiles:
-    """The files an epoch end writes on the chief: history.csv and .png, last.keras, best.keras, TensorBoard."""
-
-    def __init__(self, run_dir: Path, chief: bool):
-        self.run_dir = run_dir
-        self.chief = chief
-        self.writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
-
-    def write(self, rows: list[dict], model, improved: bool) -> None:
-        from segtrain.history import write_history, write_scalars
-        from segtrain.reports import plot_history
-        from segtrain.runs import save_model_atomic
-
-        if not self.chief:
-            return
-        write_history(rows, self.run_dir / "history.csv")
-        save_model_atomic(model, self.run_dir / "last.keras")
-        if improved:
-            save_model_atomic(model, self.run_dir / "best.keras")
-        write_scalars(self.writer, rows[-1], int(rows[-1]["epoch"]))
-        plot_history(rows, self.run_dir / "history.png")
 
 
 class StopFlag:

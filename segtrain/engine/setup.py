@@ -144,7 +144,7 @@ class RunData:
         cache_dir = (self.scratch or run_dir) / "cache"
         if data.cache == "disk":
             shutil.rmtree(cache_dir, ignore_errors=True)  # a killed run leaves a partial cache and its lock file
-        self.spec = spec = DataSpec(data, prepared.mapping, prepared.channels, 2**config.model.depth,
+        self.spec = spec = DataSpec(data, prepared.mapping, prepared.channels, config.model.divisor,
                                     config.train.seed, prepared.locations)
         train_ds = training_dataset(prepared.train_pairs, spec, cache_dir,
                                     start_element=engine.loop.global_step * data.batch_size)

@@ -65,7 +65,7 @@ class Predictor:
             image = tf.image.resize(image, resize, method="bilinear").numpy()
         predict = self.config.predict
         out = predict_logits(self.model, image, predict.tile_size, overlap=predict.overlap,
-                             batch_size=predict.batch_size, tta=self.policy.tta, divisor=2**self.config.model.depth)
+                             batch_size=predict.batch_size, tta=self.policy.tta, divisor=self.config.model.divisor)
         if resize is not None:
             out = tf.image.resize(out, (height, width), method="bilinear").numpy()
         return out

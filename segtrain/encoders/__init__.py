@@ -1,0 +1,1 @@
+"""U-Nets on pretrained `keras.applications` backbones (`model.encoder`)."""
