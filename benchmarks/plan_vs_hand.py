@@ -7,7 +7,12 @@ mean IoU and foreground IoU (two classes) or pixel accuracy (several), whole ima
 temperature, argmax). One seed: differences of a point or two are within seed noise.
 
     python benchmarks/plan_vs_hand.py --sets membrane,crackforest --budget 10m
+    python benchmarks/plan_vs_hand.py --budget 30m --side-by-side   # plan and hand at once, a core each
     python benchmarks/plan_vs_hand.py --tiny        # a seconds-long smoke run on a synthetic set
+
+--side-by-side trains a set's two configs at the same time, each in its own process pinned to its own core
+(os.sched_setaffinity; TensorFlow then sizes its thread pools to the one core), so both see the same machine:
+whatever else runs slows both alike, and neither measures its step time on a quieter machine than the other.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +60,21 @@ def fit(config_path: Path, budget: str, run_dir: Path, extra=()) -> dict:
     return metrics
 
 
+def fit_pinned(config_path: Path, budget: str, run_dir: Path, extra, core: int) -> subprocess.Popen:
+    """`fit` in a child process pinned to `core`; its metrics arrive as JSON in run_dir.parent/<name>.json."""
+    command = [sys.executable, __file__, "--one", str(config_path), "--budget", budget, "--run-dir", str(run_dir),
+               "--core", str(core), *[f"--extra={item}" for item in extra]]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(run_dir.parent / f"{run_dir.name}.log", "w"))
+
+
+def one(args) -> None:
+    """The child of fit_pinned: pin, fit, write the metrics."""
+    os.sched_setaffinity(0, {args.core})
+    metrics = fit(args.one, args.budget, args.run_dir, args.extra)
+    metrics["core"] = args.core
+    (args.run_dir.parent / f"{args.run_dir.name}.json").write_text(json.dumps(metrics))
+
+
 def row(name: str, config: str, metrics: dict) -> str:
     classes = list(metrics["per_class"])
     fg = metrics["per_class"][classes[1]]["iou"] if len(classes) == 2 else None
@@ -67,7 +88,16 @@ def main() -> None:
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--out", type=Path, help="keep the configs and run folders here (default: a temp folder)")
     parser.add_argument("--tiny", action="store_true", help="smoke run: a synthetic set, a few-second budget")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="train plan and hand at the same time, each pinned to its own core")
+    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # the child process of --side-by-side
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one is not None:
+        one(args)
+        return
 
     print(machine_line(), flush=True)
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_plan_vs_hand_")
@@ -86,7 +116,19 @@ def main() -> None:
             planned = plan_config(root, budget, out / f"{name}_planned.yaml")
             hand = REPO / "configs" / ("roads.yaml" if args.tiny else f"{name}.yaml")
             extra = [f"data.root={root}"] if args.tiny else []
-            for label, config in (("plan", planned), ("hand", hand)):
+            configs = (("plan", planned), ("hand", hand))
+            if args.side_by_side:
+                print(f"{name}: plan and hand side by side, one core each [{load_average()}]", flush=True)
+                children = [fit_pinned(config, budget, out / f"run_{name}_{label}", extra if label == "hand" else (),
+                                       core) for core, (label, config) in enumerate(configs)]
+                for (label, config), child in zip(configs, children):
+                    if child.wait() != 0:
+                        raise SystemExit(f"{label} fit on {name} failed: see {out / f'run_{name}_{label}.log'}")
+                    metrics = json.loads((out / f"run_{name}_{label}.json").read_text())
+                    lines.append(row(name, f"{label} ({config.name})", metrics))
+                    print(lines[-1], f"[{load_average()}]", flush=True)
+                continue
+            for label, config in configs:
                 metrics = fit(config, budget, out / f"run_{name}_{label}", extra if label == "hand" else ())
                 lines.append(row(name, f"{label} ({config.name})", metrics))
                 print(lines[-1], f"[{load_average()}]", flush=True)

@@ -43,7 +43,8 @@ import numpy as np
 
 from segtrain.atomic import write_csv
 from segtrain.config import Config
-from segtrain.data.discovery import Pair, find_pairs
+from segtrain.data.discovery import Pair
+from segtrain.data.holdout import split_pairs
 from segtrain.data.masks import MaskMapping
 from segtrain.errors import ConfigError
 from segtrain.policy.predictor import Predictor, SplitLogits
@@ -331,9 +332,9 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
     config = run_config(run_dir, overrides)
     if split is None:
         split = config.data.val_split
+    pairs = split_pairs(config, split, run_dir, data_root)
     if data_root is not None:
         config.data.root = data_root
-    pairs = find_pairs(config.data.root, split)
     mapping = MaskMapping(config.data.mask, config.data.classes)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / f"eval_{split}"
     metrics = evaluate_run(model_path, config, pairs, mapping, out_dir, split, Overrides(decision, threshold, tta),

@@ -19,6 +19,8 @@ import numpy as np
 from segtrain.atomic import write_json
 from segtrain.config import Config, save_config
 from segtrain.data.discovery import Pair, find_pairs
+from segtrain.data.holdout import HeldOutSplit, make_holdout
+from segtrain.data.holdout import describe as describe_holdout
 from segtrain.data.images import image_channels, image_sample_type
 from segtrain.data.masks import MaskMapping
 from segtrain.data.scan import scan_pairs, scan_training_set
@@ -42,24 +44,31 @@ class PreparedData:
     class_weights: Optional[np.ndarray]
     locations: Optional[object] = None
     """`segtrain.data.sampling.ClassLocations` of the training pairs with data.sampling, else None."""
+    holdout: Optional[HeldOutSplit] = None
+    """The images data.val_fraction held out of the training split (RUN/split.json), else None."""
 
 
 def prepare_data(config: Config, cached_stats: Optional[dict] = None,
-                 cached_locations: Optional[Path] = None) -> PreparedData:
+                 cached_locations: Optional[Path] = None, holdout: Optional[HeldOutSplit] = None) -> PreparedData:
     """Find and check every pair, and count class pixels over the whole training set in one pass.
 
     On resume the counts cached in class_stats.json are reused (and the files are not
     checked again), and so are the pixel statistics of data.normalize: dataset; the weights are
     always recomputed from the counts, so they follow the config's current loss.class_weights.
     With data.sampling the same pass records where each sampled class lies; on resume those
-    locations are read from `cached_locations` (class_locations.npz).
+    locations are read from `cached_locations` (class_locations.npz). With data.val_fraction the validation images
+    are `holdout`'s (the run's split.json on resume), else chosen now (`segtrain.data.holdout`).
     """
     from segtrain.class_weights import ClassCounter, class_stats_dict
 
     data = config.data
+    if data.val_fraction is not None and holdout is None:
+        holdout = make_holdout(data, config.train.seed)
+    source = find_pairs(data.root, data.train_split) if holdout is not None else None
     if cached_stats is None:
-        train = scan_training_set(data, description="class statistics")
-        val_pairs = find_pairs(data.root, data.val_split)
+        train = scan_training_set(data, description="class statistics",
+                                  pairs=None if holdout is None else holdout.select(source, held_out=False))
+        val_pairs = find_pairs(data.root, data.val_split) if holdout is None else holdout.select(source, True)
         scan_pairs(val_pairs, train.mapping, train.channels, data.max_image_pixels, None,
                    description="checking val pairs", reference=train.pairs[0].image)
         train_pairs, mapping, channels, counter = train
@@ -69,8 +78,10 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None,
                 f"data.classes: the run was trained with classes {cached_stats.get('classes')} but the config names "
                 f"{list(data.classes)}. Resume with the run's own config.yaml, or start a new run with --out."
             )
-        train_pairs = find_pairs(data.root, data.train_split)
-        val_pairs = find_pairs(data.root, data.val_split)
+        if holdout is None:
+            train_pairs, val_pairs = find_pairs(data.root, data.train_split), find_pairs(data.root, data.val_split)
+        else:
+            train_pairs, val_pairs = holdout.select(source, held_out=False), holdout.select(source, held_out=True)
         mapping = MaskMapping(data.mask, data.classes)
         channels = image_channels(train_pairs[0].image)
         counter = ClassCounter(len(data.classes), _cached_locations(data, cached_locations, len(train_pairs)))
@@ -84,7 +95,7 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None,
         if normalization is not None:
             stats["normalization"] = normalization
     weights = None if strategy == "none" else np.asarray(stats["class_weights"], dtype=np.float32)
-    return PreparedData(train_pairs, val_pairs, mapping, channels, stats, weights, counter.locations)
+    return PreparedData(train_pairs, val_pairs, mapping, channels, stats, weights, counter.locations, holdout)
 
 
 def _cached_normalization(data, cached_stats: dict, channels: int) -> Optional[dict]:
@@ -143,7 +154,11 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
     from segtrain.engine.setup import build_engine
 
     configure_cpu_devices()  # before anything initialises TensorFlow
-    prepared = prepare_data(config, _cached_stats(run_dir, resume), run_dir / LOCATIONS_FILE if resume else None)
+    holdout = HeldOutSplit.load(run_dir) if resume and config.data.val_fraction is not None else None
+    prepared = prepare_data(config, _cached_stats(run_dir, resume), run_dir / LOCATIONS_FILE if resume else None,
+                            holdout)
+    if prepared.holdout is not None:
+        log(describe_holdout(prepared.holdout, len(prepared.train_pairs)))
     for warning in prepared.class_stats.get("warnings", []):
         log(f"warning: {warning}")
     # The strategy first: MultiWorkerMirroredStrategy must configure collectives before TF initialises.
@@ -171,10 +186,12 @@ def _cached_stats(run_dir: Path, resume: bool) -> Optional[dict]:
 
 def _write_run_header(config: Config, prepared: PreparedData, engine, run_dir: Path, resume: bool, overwrite: bool,
                       config_path: Optional[Path]) -> None:
-    """Create (or replace) the run folder and write config.yaml, class_stats.json (and class_locations.npz with
-    data.sampling) and run.json."""
+    """Create (or replace) the run folder and write config.yaml, split.json (data.val_fraction), class_stats.json
+    (and class_locations.npz with data.sampling) and run.json."""
     prepare_run_dir(run_dir, resume, overwrite)
     save_config(config, run_dir / "config.yaml")
+    if prepared.holdout is not None and not resume:
+        prepared.holdout.save(run_dir)
     if prepared.locations is not None:  # before class_stats.json, whose presence means a resume reuses both
         prepared.locations.save(run_dir / LOCATIONS_FILE)
     write_json(prepared.class_stats, run_dir / "class_stats.json")

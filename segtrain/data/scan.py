@@ -128,8 +128,10 @@ class TrainingSet(NamedTuple):
     counter: ClassCounter
 
 
-def scan_training_set(data: DataConfig, description: Optional[str] = None) -> TrainingSet:
-    """Find the pairs of `data.train_split`, check every one and count its class pixels, in one pass.
+def scan_training_set(data: DataConfig, description: Optional[str] = None,
+                      pairs: Optional[list[Pair]] = None) -> TrainingSet:
+    """Find the pairs of `data.train_split` (or take `pairs`: the training part under data.val_fraction), check
+    every one and count its class pixels, in one pass.
 
     The channels are those of the first image (every image is read with them). `description`
     labels a progress bar; None shows none. With `data.sampling`, the same pass records where
@@ -141,7 +143,7 @@ def scan_training_set(data: DataConfig, description: Optional[str] = None) -> Tr
     from segtrain.data.normalization import PixelSampler
     from segtrain.data.sampling import new_locations
 
-    pairs = find_pairs(data.root, data.train_split)
+    pairs = find_pairs(data.root, data.train_split) if pairs is None else pairs
     mapping = MaskMapping(data.mask, data.classes)
     channels = image_channels(pairs[0].image)
     counter = ClassCounter(len(data.classes), new_locations(data))

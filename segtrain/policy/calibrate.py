@@ -96,7 +96,7 @@ def calibrate_run(checkpoint, split: Optional[str] = None, data_root: Optional[s
                   log=click.echo, overrides: Sequence[str] = ()) -> dict:
     """`segtrain calibrate RUN [--split S] [--data DIR] [--set predict.KEY=VALUE]`: fit the temperature of the run's
     model on a labelled split (default: the run's data.val_split) and store it in RUN/policy.json."""
-    from segtrain.data.discovery import find_pairs
+    from segtrain.data.holdout import split_pairs
     from segtrain.data.masks import MaskMapping
     from segtrain.policy.predictor import Predictor
     from segtrain.runs import resolve_checkpoint, run_config
@@ -104,9 +104,9 @@ def calibrate_run(checkpoint, split: Optional[str] = None, data_root: Optional[s
     model_path, run_dir = resolve_checkpoint(checkpoint)
     config = run_config(run_dir, overrides)
     split = split or config.data.val_split
+    pairs = split_pairs(config, split, run_dir, data_root)
     if data_root is not None:
         config.data.root = data_root
-    pairs = find_pairs(config.data.root, split)
     predictor = Predictor.load(model_path, config, log=log, use_calibration=False, use_tuned=False)
     log(f"Calibrating {model_path} on {split} ({len(pairs)} images)")
     split_logits = SplitLogits(predictor, pairs, MaskMapping(config.data.mask, config.data.classes), "calibrating")

@@ -413,7 +413,7 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     RUN/policy.json when it beats the untuned rule there (module docstring). `holdout`: the share of the split's
     images set aside (seeded by `holdout_seed`) for eval to report on; they take no part in tuning.
     Returns the record (with `written` False when nothing was stored)."""
-    from segtrain.data.discovery import find_pairs
+    from segtrain.data.holdout import split_pairs
     from segtrain.data.masks import MaskMapping
     from segtrain.policy.predictor import Predictor, SplitLogits
     from segtrain.decision import decision_cost_matrix
@@ -423,6 +423,7 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     model_path, run_dir = resolve_checkpoint(checkpoint)
     config = run_config(run_dir, overrides)
     split = split or config.data.val_split
+    data_root_given = data_root
     if data_root is not None:
         config.data.root = data_root
     classes = list(config.data.classes)
@@ -431,7 +432,7 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     objective = objective or default_objective(k, costs)
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}.")
-    pairs = find_pairs(config.data.root, split)
+    pairs = split_pairs(config, split, run_dir, data_root_given)
     held_out = None
     if holdout is not None:  # checked before anything loads or is written
         held_out = holdout_stems([p.stem for p in pairs], holdout, holdout_seed, repr(split))
