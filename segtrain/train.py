@@ -62,6 +62,10 @@ def prepare_data(config: Config, cached_stats: Optional[dict] = None,
     from segtrain.class_weights import ClassCounter, class_stats_dict
 
     data = config.data
+    val_dir = Path(data.root) / data.val_split
+    if data.val_fraction is None and Path(data.root).is_dir() and not val_dir.is_dir():  # before the long pass
+        raise DataError(f"{val_dir}: split folder not found. Create it with images/ and masks/ inside, or set "
+                        f"data.val_fraction: 0.2 to validate on a fifth of {data.train_split}/ (recorded per run).")
     if data.val_fraction is not None and holdout is None:
         holdout = make_holdout(data, config.train.seed)
     source = find_pairs(data.root, data.train_split) if holdout is not None else None

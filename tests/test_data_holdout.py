@@ -141,3 +141,11 @@ def test_a_held_out_file_gone_is_named(tmp_path):
     (root / "train" / "masks" / "img01.png").unlink()
     with pytest.raises(Exception, match="img01 from train/, no longer there"):
         holdout.select(find_pairs(root, "train"), held_out=True)
+
+
+def test_fit_without_a_val_folder_suggests_val_fraction(tmp_path):
+    root = train_only_dataset(tmp_path, n=4)
+    result = invoke("fit", write_config(tmp_path / "c.yaml", root), "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert f"{root / 'val'}: split folder not found" in result.output and "data.val_fraction: 0.2" in result.output
+    assert not (tmp_path / "run").exists()

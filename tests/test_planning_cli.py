@@ -78,8 +78,8 @@ def test_ignore_and_no_val_split_reach_the_config(tmp_path):
     config = load_config(out)
     assert config.data.mask.ignore == [9] and config.data.classes == ["class_0", "class_1", "class_2"]
     text = out.read_text()
-    assert "# no val/ split found: create" in text and "--ignore 9" in text
-    assert "note: no val/ split found" in result.output
+    assert "# no val/ split found: fit holds out 1 of the 3 train/ images" in text and "--ignore 9" in text
+    assert config.data.val_fraction == 0.2 and "note: no val/ split found" in result.output
 
 
 def test_planning_does_not_import_tensorflow(tmp_path):

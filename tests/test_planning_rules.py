@@ -2,6 +2,9 @@
 built to trigger it; the chosen value and the fact in its reason. Every planned config must load with
 segtrain.config.load_config."""
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -430,9 +433,25 @@ def test_learning_rate_scales_with_the_batch():
     assert rules.learning_rate(32).value == 0.006
 
 
-def test_no_val_split_is_noted(fps):
-    decision = rules.val_split(fps["stripes_0_255"])
-    assert decision.notes and decision.notes[0].startswith("no val/ split found: create")
+def test_no_val_split_holds_out_a_fifth(fps):
+    fp = fps["stripes_0_255"]
+    assert rules.val_split(fp).value is None
+    decision = rules.val_fraction(fp)
+    held = int(math.floor(decision.value * fp.pairs + 0.5))
+    assert decision.notes[0].startswith(f"no val/ split found: fit holds out {held} of the {fp.pairs} train/ images")
+    assert decision.value == (0.2 if fp.pairs >= 3 else 0.5)
+
+
+@pytest.mark.parametrize("pairs, share, held", [(1, None, 0), (2, 0.5, 1), (3, 0.2, 1), (4, 0.2, 1), (10, 0.2, 2),
+                                                (101, 0.2, 20)])
+def test_val_fraction_holds_out_at_least_one_image(fps, pairs, share, held):
+    fp = dataclasses.replace(fps["stripes_0_255"], pairs=pairs)
+    decision = rules.val_fraction(fp)
+    assert decision.value == share
+    if share is not None:
+        assert int(math.floor(share * pairs + 0.5)) == held  # the rule stratified_holdout applies
+    else:
+        assert "1 training image" in decision.notes[0]
 
 
 # ---------------------------------------------------------------------------- the written config
@@ -456,7 +475,8 @@ def test_every_planned_config_loads(fps, tmp_path, name):
         if ":" in line and not line.startswith("#") and not line.rstrip().endswith(":") \
                 and not line.strip().startswith("- {name: cross_entropy"):
             assert " # " in line, line
-    assert "no val/ split found: create" in text
+    if config.data.val_fraction is not None:
+        assert "no val/ split found: fit holds out" in text
 
 
 def test_flow_values():

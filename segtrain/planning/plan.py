@@ -81,6 +81,7 @@ def make_plan(fp: Fingerprint, device: Optional[str] = None, memory: Optional[in
     e["data.sampling"] = rules.sampling(fp, crop.value)
     e["data.augment"] = rules.augmentation(fp, budget_seconds)
     e["data.val_split"] = rules.val_split(fp)
+    e["data.val_fraction"] = rules.val_fraction(fp)
     e["model.depth"] = depth
     e["model.base_filters"] = filters
 

@@ -370,10 +370,27 @@ def monitor(fp: Fingerprint) -> Decision:
 
 
 def val_split(fp: Fingerprint) -> Decision:
-    """The val split when ROOT/val holds pairs; else a note (segtrain needs one to validate and calibrate)."""
+    """The val split when ROOT/val holds pairs (else None: see val_fraction)."""
     if fp.val_split:
         return Decision(fp.val_split, f"{fp.val_pairs} val pairs")
-    root = fp.root
-    return Decision("val", "no val/ split found",
-                    [f"no val/ split found: create {root}/val/{{images,masks}} (e.g. move a fifth of train/ there) "
-                     "before `segtrain fit`, which validates every epoch."])
+    return Decision(None, "")
+
+
+VAL_SHARE = 0.2
+"""The share of a train-only data set held out for validation: one fold of five, as nnU-Net's cross-validation."""
+
+
+def val_fraction(fp: Fingerprint) -> Decision:
+    """No val/ split: hold out a fifth of train/ (fit records which images: split.json), at least one image; a
+    single image cannot be split (a note)."""
+    if fp.val_split:
+        return Decision(None, "")
+    n = fp.pairs
+    if n < 2:
+        return Decision(None, "", [f"no val/ split found and {n} training image: add images, or create "
+                                   f"{fp.root}/val/{{images,masks}}; `segtrain fit` validates every epoch."])
+    share = VAL_SHARE if n * VAL_SHARE >= 0.5 else math.ceil(1000 / n) / 1000
+    held = int(math.floor(share * n + 0.5))
+    return Decision(share, f"no val/ split: {held} of {n} train images held out (seeded, stratified by rarest class)",
+                    [f"no val/ split found: fit holds out {held} of the {n} train/ images to validate on "
+                     "(data.val_fraction; recorded in the run's split.json, which eval, calibrate and tune read)."])

@@ -103,7 +103,7 @@ def render(plan: Plan, config_path: Optional[Path] = None) -> str:
             lines.append(_line(4, f"{key}: {flow(mask[key])}", e["data.mask"].reason))
         if "ignore" in mask:
             lines.append(_line(4, f"ignore: {flow(mask['ignore'])}", fp.ignore.reason))
-    for key in ("crop", "batch_size", "cache", "normalize", "sampling", "augment", "val_split"):
+    for key in ("crop", "batch_size", "cache", "normalize", "sampling", "augment", "val_split", "val_fraction"):
         entry(f"data.{key}", 2)
     lines.append("model:")
     for key in ("depth", "base_filters"):
