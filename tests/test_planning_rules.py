@@ -527,3 +527,41 @@ def test_budget_rule_keeps_the_budget_and_gives_the_estimate(fps):
     epochs, _ = rules.schedule(fps["stripes_0_255"], 64, 3, 8, 4, "cpu", 90 * 60)
     decision = rules.budget(90 * 60, epochs)
     assert decision.value == "1h30m" and "planner's estimate: 90 min at" in decision.reason
+
+
+# ---------------------------------------------------------------------------- a pretrained encoder
+
+
+def test_an_encoder_only_for_colour_photographs(fps):
+    gray = fps["stripes_0_255"]
+    grey_rgb = dataclasses.replace(gray, channels=3, intensity={**gray.intensity, "mean": [90.0, 90.5, 91.0]})
+    assert not rules.natural_colour(grey_rgb)  # a grayscale image saved as RGB: spread 1.0 <= 2
+    decision = rules.encoder(grey_rgb, "cpu", cached=lambda name: True)
+    assert decision.value == "none" and "not colour photographs" in decision.reason
+
+
+def test_the_preferred_cached_encoder_is_proposed(fps):
+    base = fps["stripes_0_255"]
+    photo = dataclasses.replace(base, channels=3, intensity={**base.intensity, "mean": [120.0, 100.0, 80.0]})
+    assert rules.encoder(photo, "cpu", cached=lambda name: name in ("resnet50", "efficientnetv2b0")).value == \
+        "efficientnetv2b0"  # the CPU's order: mobilenetv3large (absent), then efficientnetv2b0
+    assert rules.encoder(photo, "gpu", cached=lambda name: name in ("resnet50", "efficientnetv2b0")).value == "resnet50"
+    missing = rules.encoder(photo, "cpu", cached=lambda name: False)
+    assert missing.value == "none"
+    assert "place weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5 in" in missing.notes[0]
+
+
+def test_a_cached_encoder_reaches_the_config(fps, tmp_path, monkeypatch):
+    from segtrain.encoders.catalog import BACKBONES
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    (tmp_path / "keras" / "models").mkdir(parents=True)
+    (tmp_path / "keras" / "models" / BACKBONES["mobilenetv3large"].imagenet_file).write_bytes(b"weights")
+    base = fps["stripes_0_255"]
+    photo = dataclasses.replace(base, channels=3, intensity={**base.intensity, "mean": [120.0, 100.0, 80.0]})
+    path = tmp_path / "photo.yaml"
+    write_plan(_plan(photo), path)
+    config = load_config(path)
+    assert config.model.encoder == "mobilenetv3large" and config.model.encoder_weights == "imagenet"
+    assert config.data.crop % 32 == 0
+    assert "mobilenetv3large's ImageNet weights in Keras's cache" in path.read_text()

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from segtrain.encoders.catalog import ENCODER_STRIDE
 from segtrain.planning import resources, rules
 from segtrain.planning.encoding import Decision, mask_section
 from segtrain.planning.fingerprint import Fingerprint
@@ -84,6 +85,14 @@ def make_plan(fp: Fingerprint, device: Optional[str] = None, memory: Optional[in
     e["data.val_fraction"] = rules.val_fraction(fp)
     e["model.depth"] = depth
     e["model.base_filters"] = filters
+    encoder = rules.encoder(fp, dev)
+    e["model.encoder"] = encoder
+    if encoder.value != "none":
+        e["model.encoder_weights"] = Decision("imagenet", "found in Keras's cache")
+        if crop.value % ENCODER_STRIDE:
+            e["data.crop"] = Decision(max(ENCODER_STRIDE, crop.value // ENCODER_STRIDE * ENCODER_STRIDE),
+                                      e["data.crop"].reason + f"; a multiple of the encoder's stride {ENCODER_STRIDE}")
+        e["data.batch_size"] = Decision(batch.value, batch.reason + " (the plain U-Net's memory model)")
 
     terms = rules.loss_terms(fp)
     background = rules.include_background(fp)

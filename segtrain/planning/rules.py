@@ -394,3 +394,41 @@ def val_fraction(fp: Fingerprint) -> Decision:
     return Decision(share, f"no val/ split: {held} of {n} train images held out (seeded, stratified by rarest class)",
                     [f"no val/ split found: fit holds out {held} of the {n} train/ images to validate on "
                      "(data.val_fraction; recorded in the run's split.json, which eval, calibrate and tune read)."])
+
+
+ENCODER_PREFERENCE = {"cpu": ("mobilenetv3large", "efficientnetv2b0", "mobilenetv3small", "resnet50", "convnexttiny"),
+                      "gpu": ("convnexttiny", "resnet50", "efficientnetv2b0", "mobilenetv3large", "mobilenetv3small")}
+"""The backbones the plan proposes, best first: the light ones on the CPU, the strong ones on a GPU."""
+COLOUR_SPREAD = 2.0
+"""Channel means further apart than this (0..255) mark colour images; a grayscale image saved as RGB has none."""
+
+
+def natural_colour(fp: Fingerprint) -> bool:
+    """3-channel 8-bit colour images: what ImageNet backbones were trained on."""
+    means = list(fp.intensity.get("mean", []))
+    spread = max(means) - min(means) if len(means) == 3 else 0.0
+    return fp.channels == 3 and fp.sample_type == "uint8" and spread > COLOUR_SPREAD
+
+
+def encoder(fp: Fingerprint, device_name: str, cached=None) -> Decision:
+    """A pretrained encoder for 3-channel colour photographs when ImageNet weights are in Keras's cache (the first in
+    ENCODER_PREFERENCE), else none with a note saying which file would enable it. `cached(name)`: whether a
+    backbone's weights are there (default: the file in Keras's cache folder)."""
+    from segtrain.encoders.catalog import BACKBONES
+    from segtrain.encoders.weights import keras_cache_dir
+
+    if not natural_colour(fp):
+        return Decision("none", f"{fp.channels}-channel {fp.sample_type} images, not colour photographs: the plain "
+                                "U-Net")
+    folder = keras_cache_dir() / "models"
+    if cached is None:
+        cached = lambda name: (folder / BACKBONES[name].imagenet_file).is_file()  # noqa: E731
+    order = ENCODER_PREFERENCE[device_name]
+    for name in order:
+        if cached(name):
+            return Decision(name, f"colour photographs and {name}'s ImageNet weights in Keras's cache")
+    first = BACKBONES[order[0]]
+    return Decision("none", "colour photographs, but no ImageNet weights in Keras's cache",
+                    [f"a pretrained encoder would suit these colour photographs: place {first.imagenet_file} in "
+                     f"{folder} (from {first.imagenet_url}) and plan again, or set model.encoder: {order[0]} "
+                     "and model.encoder_weights: imagenet on a machine that can download it."])

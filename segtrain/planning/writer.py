@@ -106,7 +106,7 @@ def render(plan: Plan, config_path: Optional[Path] = None) -> str:
     for key in ("crop", "batch_size", "cache", "normalize", "sampling", "augment", "val_split", "val_fraction"):
         entry(f"data.{key}", 2)
     lines.append("model:")
-    for key in ("depth", "base_filters"):
+    for key in ("depth", "base_filters", "encoder", "encoder_weights"):
         entry(f"model.{key}", 2)
     lines.append("loss:")
     lines.append(_line(2, "terms:", e["loss.terms"].reason))
