@@ -67,13 +67,14 @@ def fit(config: Union[str, Path], overrides: Sequence[str] = (), out: Optional[U
     return FitResult(run_dir, metrics, loaded.data.val_split)
 
 
-def evaluate(checkpoint: Union[str, Path, None] = None, data: Optional[str] = None, split: Optional[str] = None,
+def evaluate(run: Union[str, Path], data: Optional[str] = None, split: Optional[str] = None,
              out: Optional[Union[str, Path]] = None, decision: Optional[str] = None,
              threshold: Optional[float] = None, log=print) -> dict:
-    """`segtrain eval --checkpoint RUN [--data DIR] [--split S] [--out DIR]`: the metrics dict, reports written."""
+    """`segtrain eval RUN [--data DIR] [--split S] [--out DIR]`: the metrics dict, reports written. `run`: a run
+    folder or one of its .keras files (required: the API never guesses the newest run)."""
     from segtrain.evaluation import evaluate_checkpoint
 
-    return evaluate_checkpoint(None if checkpoint is None else str(checkpoint), data, split,
+    return evaluate_checkpoint(None if run is None else str(run), data, split,
                                Path(out) if out else None, decision, threshold, log=log)
 
 

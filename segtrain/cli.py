@@ -31,7 +31,7 @@ def _import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
-COMMAND_ORDER = ("plan", "stats", "fit", "eval", "calibrate", "tune", "predict", "export")
+COMMAND_ORDER = ("plan", "stats", "fit", "eval", "calibrate", "tune", "predict", "export", "report", "compare")
 """The commands in the order of the work, as `segtrain --help` lists them."""
 
 
@@ -94,12 +94,13 @@ def _open_run(command: str, run, checkpoint=None, overrides=(), usage: str = "RU
     return model_path, run_dir, config
 
 
-def _check_split(config, data_root, split) -> str:
-    """The split a command reads (default: the run's data.val_split), its folders checked before TensorFlow loads."""
-    from segtrain.data.discovery import find_pairs
+def _check_split(config, data_root, split, run_dir) -> str:
+    """The split a command reads (default: the run's data.val_split), its folders (and with data.val_fraction the
+    run's split.json) checked before TensorFlow loads."""
+    from segtrain.data.holdout import split_pairs
 
     split = split or config.data.val_split
-    find_pairs(data_root if data_root is not None else config.data.root, split)
+    split_pairs(config, split, run_dir, data_root)
     return split
 
 
@@ -124,7 +125,7 @@ def fit(config_path, overrides, out, resume, overwrite, budget):
     result = fit_run(config_path, overrides, out, resume=resume, overwrite=overwrite, log=click.echo)
     mean_iou = result.metrics.get("mean_iou")
     shown = "n/a" if mean_iou is None else f"{mean_iou:.4f}"
-    click.echo(f"Done: {result.run_dir} (best.keras, last.keras, metrics.json, history.csv). "
+    click.echo(f"Done: {result.run_dir} (best.keras, last.keras, metrics.json, report.html). "
                f"Mean IoU on {result.val_split}: {shown}")
 
 
@@ -158,8 +159,8 @@ def eval_command(run, checkpoint, data_root, split, out, decision, threshold, re
 
     RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
     decision = _decision_from_options(decision, threshold)
-    model_path, _, config = _open_run("eval", run, checkpoint, overrides)
-    split = _check_split(config, data_root, split)
+    model_path, run_dir, config = _open_run("eval", run, checkpoint, overrides)
+    split = _check_split(config, data_root, split, run_dir)
     _import_tensorflow_quietly()
     from segtrain.evaluation import evaluate_checkpoint
 
@@ -285,8 +286,8 @@ def calibrate(run, split, data_root, overrides):
     labelled split and store it in RUN/policy.json.
 
     RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
-    model_path, _, config = _open_run("calibrate", run, overrides=overrides)
-    split = _check_split(config, data_root, split)
+    model_path, run_dir, config = _open_run("calibrate", run, overrides=overrides)
+    split = _check_split(config, data_root, split, run_dir)
     _import_tensorflow_quietly()
     from segtrain.policy.calibrate import calibrate_run
 
@@ -314,14 +315,14 @@ def tune(run, split, objective, postprocess, data_root, holdout, holdout_seed, o
     per class the post-processing. eval, predict and export then apply it.
 
     RUN is a run folder written by `segtrain fit` (or one of its .keras files)."""
-    model_path, _, config = _open_run("tune", run, overrides=overrides)
-    split = _check_split(config, data_root, split)
+    model_path, run_dir, config = _open_run("tune", run, overrides=overrides)
+    split = _check_split(config, data_root, split, run_dir)
     if holdout is not None:  # a share leaving no image on a side: exit 2 before TensorFlow loads
-        from segtrain.data.discovery import find_pairs
+        from segtrain.data.holdout import split_pairs
         from segtrain.policy.tuning import holdout_stems
 
-        root = data_root if data_root is not None else config.data.root
-        holdout_stems([p.stem for p in find_pairs(root, split)], holdout, holdout_seed, repr(split))
+        holdout_stems([p.stem for p in split_pairs(config, split, run_dir, data_root)], holdout, holdout_seed,
+                      repr(split))
     _import_tensorflow_quietly()
     from segtrain.policy.tuning import tune_run
 
@@ -372,6 +373,49 @@ def plan(data_root, out, budget, ignore, device, memory):
     click.echo(f"Wrote {path}: planned from {fp.pairs} pairs in {fp.seconds:.1f} s. Train it: segtrain fit {path}")
     for note in result.notes:
         click.echo(f"note: {note}")
+
+
+@cli.command(short_help="Write a run's report: one self-contained HTML page.")
+@run_argument
+@click.option("--out", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The HTML file to write (default: RUN/report.html); its folder must exist.")
+def report(run, out):
+    """Write one self-contained HTML page of RUN: config, data set statistics, training curves, per-class table,
+    plots, worst images, decision policy, timings and every eval folder's results. It opens offline (pictures
+    inlined, no scripts); fit writes it at its end and eval refreshes it.
+
+    RUN is a run folder written by `segtrain fit`."""
+    from segtrain.html_report import write_report
+    from segtrain.runs import newest_run_hint
+
+    if run is None:
+        raise click.UsageError(f"missing RUN: name the run, segtrain report RUN ({newest_run_hint()}).")
+    click.echo(f"Wrote {write_report(run, out)}")
+
+
+@cli.command(short_help="Compare runs: a table and an HTML page.")
+@click.argument("runs", nargs=-1, metavar="RUN RUN...", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The HTML page to write (default: compare.html in the working directory); its folder must exist.")
+@click.option("--sort", "sort_key", metavar="KEY",
+              help="Order the rows by a column of the table, e.g. mean_iou, iou_road, f1_road, time, steps "
+                   "(IoU and F1 best first, the others ascending).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (full precision) instead.")
+def compare(runs, out, sort_key, as_json):
+    """Compare runs side by side: mean IoU, each class's IoU and F1, steps, budget and time used, the decision
+    policy, the config keys that differ, and (on the HTML page) the training curves overlaid.
+
+    RUN is a run folder written by `segtrain fit`; name two or more."""
+    from segtrain.compare import DEFAULT_OUT, compare_runs, comparison_json, format_comparison, write_comparison
+    from segtrain.html_report import check_out_file
+
+    if len(runs) < 2:
+        raise click.UsageError(f"compare needs two or more runs, segtrain compare RUN RUN... (given {len(runs)}); "
+                               "for one run, segtrain report RUN writes its page.")
+    out = check_out_file(Path(out) if out else DEFAULT_OUT)
+    comparison = compare_runs(runs, sort_key)
+    click.echo(comparison_json(comparison) if as_json else format_comparison(comparison))
+    click.echo(f"Wrote {write_comparison(comparison, out)}", err=as_json)
 
 
 def _decision_from_options(decision, threshold):

@@ -326,7 +326,8 @@ class TrackingConfig:
     backend: Literal["none", "mlflow"] = "none"
     """mlflow: log params, per-epoch metrics, the final per-class metrics and the run folder to MLflow."""
     uri: Optional[str] = None
-    """MLflow tracking URI: a folder, file:///..., or sqlite:///file.db; null: mlruns/ in the working directory."""
+    """MLflow tracking URI: a folder, file:///..., or sqlite:///file.db; null: $MLFLOW_TRACKING_URI if set, else
+    mlruns/ in the working directory."""
     experiment: str = "segtrain"
     """MLflow experiment name."""
 

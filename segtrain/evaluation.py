@@ -344,4 +344,8 @@ def evaluate_checkpoint(checkpoint: Optional[str], data_root: Optional[str], spl
 
     write_json(metrics, out_dir / "metrics.json")
     log(f"Wrote {out_dir / 'metrics.json'}, per_class.csv, per_image.csv and plots.")
+    if out_dir.resolve().parent == run_dir.resolve():  # an eval folder inside the run: on the run's page
+        from segtrain.html_report import write_report
+
+        log(f"Report: {write_report(run_dir)}")
     return metrics

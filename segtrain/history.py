@@ -1,4 +1,4 @@
-"""Per-epoch history of a run: history.csv, TensorBoard scalars, the curves PNG, and the best-epoch rule."""
+"""Per-epoch history of a run: history.csv, TensorBoard scalars and images, and the best-epoch rule."""
 
 from __future__ import annotations
 
@@ -53,15 +53,49 @@ def is_better(monitor: str, value: Optional[float], best: Optional[float]) -> bo
     return value < best if lower_is_better(monitor) else value > best
 
 
+PER_CLASS_PREFIXES = ("val_iou_", "val_dice_")
+"""History columns of one value per class: TensorBoard shows them as `val_iou/<class>`, one chart group per metric."""
+
+
+def scalar_tag(column: str) -> str:
+    """The TensorBoard tag of a history column: `val_iou_road` -> `val_iou/road`, other columns unchanged."""
+    for prefix in PER_CLASS_PREFIXES:
+        if column.startswith(prefix):
+            return f"{prefix[:-1]}/{column[len(prefix):]}"
+    return column
+
+
 def write_scalars(writer, row: dict, epoch: int) -> None:
     """TensorBoard scalars through TF's own summary writer (the `tensorboard` package is only needed to view them)."""
     import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
 
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
+    metadata = _plugin_metadata("scalars", "DATA_CLASS_SCALAR")
     with writer.as_default():
         for key, value in row.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                tf.summary.write(key, tf.constant(float(value)), step=epoch, metadata=metadata.SerializeToString())
+                tf.summary.write(scalar_tag(key), tf.constant(float(value)), step=epoch, metadata=metadata)
     writer.flush()
+
+
+def write_images(writer, pictures: dict, epoch: int) -> None:
+    """TensorBoard image summaries, one H x W x 3 uint8 picture per tag, as TensorBoard's image plugin stores them
+    (a string tensor [width, height, PNG bytes]) without needing the `tensorboard` package to write them."""
+    import tensorflow as tf
+
+    metadata = _plugin_metadata("images", "DATA_CLASS_BLOB_SEQUENCE")
+    with writer.as_default():
+        for tag, picture in pictures.items():
+            height, width = picture.shape[:2]
+            blob = tf.stack([tf.constant(str(width)), tf.constant(str(height)), tf.io.encode_png(picture)])
+            tf.summary.write(tag, blob, step=epoch, metadata=metadata)
+    writer.flush()
+
+
+def _plugin_metadata(plugin: str, data_class: str) -> bytes:
+    """The SummaryMetadata TensorBoard's `plugin` reads (serialized)."""
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = plugin
+    metadata.data_class = getattr(summary_pb2, data_class)
+    return metadata.SerializeToString()

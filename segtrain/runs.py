@@ -47,15 +47,17 @@ RESUMABLE_CHANGES = ("train.epochs", "train.early_stopping_patience", "train.kee
 
 
 def check_resume_config(config, run_dir: Path) -> None:
-    """On --resume, the config must be the run's own config.yaml, except for RESUMABLE_CHANGES and predict.*."""
+    """On --resume, the config must be the run's own config.yaml, except for RESUMABLE_CHANGES, predict.* and
+    tracking.* (tracking may be switched on or pointed elsewhere: the MLflow run id is in RUN/tracking.json)."""
     from segtrain.config import load_config
 
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
     new, old = _flatten(config.to_dict()), _flatten(load_config(saved_path).to_dict())
+    free = ("predict.", "tracking.")
     changed = sorted(k for k in set(new) | set(old)
-                     if new.get(k) != old.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("predict."))
+                     if new.get(k) != old.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(free))
     if changed:
         shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
         raise CheckpointError(
@@ -133,11 +135,11 @@ def is_run_path(path: str | Path) -> bool:
 def resolve_checkpoint(checkpoint: str | Path | None) -> tuple[Path, Path]:
     """(model file, run folder) from a run folder or a .keras file; the run folder holds config.yaml.
 
-    None: the newest run under runs/ (the Python API's default; the command line never passes None but names the
-    newest run as a suggestion instead, `newest_run_hint`)."""
+    None is refused, naming the newest run as a suggestion (`newest_run_hint`): a command never guesses which run
+    it reads."""
     if checkpoint is None:
-        run_dir = newest_run_dir()
-        return _model_files(run_dir)[0], run_dir
+        raise CheckpointError(f"no run named: pass a run folder written by `segtrain fit` (or one of its .keras "
+                              f"files); {newest_run_hint()}.")
     path = Path(checkpoint)
     where = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
     if path.is_dir():

@@ -16,6 +16,7 @@ from typing import Optional
 import click
 import numpy as np
 
+from segtrain import tracking
 from segtrain.atomic import write_json
 from segtrain.config import Config, save_config
 from segtrain.data.discovery import Pair, find_pairs
@@ -170,16 +171,20 @@ def run_fit(config: Config, run_dir: Path, resume: bool = False, overwrite: bool
     chief = is_chief(strategy)
     if chief:
         check_run_dir(run_dir, resume, overwrite)
+        tracking.check(config)  # tracking: mlflow: MLflow installed and its store opens, before the run folder
     with training_process_settings(config.train) as policy:
         engine = build_engine(config, prepared, strategy, policy, run_dir, chief, resume,
                               history_rows=lambda epoch: read_history(run_dir / "history.csv", epoch))
         created_run_dir = chief and (overwrite or not run_dir.exists())
         if chief:  # every input check has passed: only now is the run folder created or replaced
             _write_run_header(config, prepared, engine, run_dir, resume, overwrite, config_path)
-        _train(engine, prepared, run_dir, resume, created_run_dir, log)
+        training_seconds = _train(engine, prepared, run_dir, resume, created_run_dir, log)
         if not chief:
             return {}
-        return _evaluate_best(engine, prepared, run_dir, log)
+        metrics = _evaluate_best(engine, prepared, run_dir, log, training_seconds)
+        _write_report(run_dir, log)
+        tracking.finish(run_dir, config, metrics, log)  # last: every file of the run folder is written
+        return metrics
 
 
 def _cached_stats(run_dir: Path, resume: bool) -> Optional[dict]:
@@ -205,8 +210,9 @@ def _write_run_header(config: Config, prepared: PreparedData, engine, run_dir: P
                 "config_file": str(config_path) if config_path else None}, run_dir / RUN_INFO)
 
 
-def _train(engine, prepared: PreparedData, run_dir: Path, resume: bool, created_run_dir: bool, log) -> None:
-    """Run the loop; a data error before the first step removes a run folder this run created."""
+def _train(engine, prepared: PreparedData, run_dir: Path, resume: bool, created_run_dir: bool, log) -> float:
+    """Run the loop; a data error before the first step removes a run folder this run created. Returns the loop's
+    seconds in this process (a resumed run: since the resume)."""
     import time
 
     from segtrain.engine.loop import run_training
@@ -237,7 +243,9 @@ def _train(engine, prepared: PreparedData, run_dir: Path, resume: bool, created_
         raise
     finally:
         data.close()
-    log(_training_time_report(engine, time.perf_counter() - started, start_step))
+    seconds = time.perf_counter() - started
+    log(_training_time_report(engine, seconds, start_step))
+    return seconds
 
 
 def _training_time_report(engine, seconds: float, start_step: int) -> str:
@@ -257,7 +265,7 @@ def _training_time_report(engine, seconds: float, start_step: int) -> str:
     return text + ". Calibration and evaluation follow, outside the training time."
 
 
-def _evaluate_best(engine, prepared: PreparedData, run_dir: Path, log) -> dict:
+def _evaluate_best(engine, prepared: PreparedData, run_dir: Path, log, training_seconds: float = 0.0) -> dict:
     """best.keras (last.keras if no epoch improved) on the validation split, from ONE forward pass over it: the
     temperature (unless predict.calibrate is false) into policy.json, then metrics.json and the reports from the
     same logits. The time it took is reported apart from training's (metrics.json `post_training_seconds`)."""
@@ -285,7 +293,19 @@ def _evaluate_best(engine, prepared: PreparedData, run_dir: Path, log) -> dict:
     metrics["best_epoch"] = engine.loop.best_epoch
     metrics["post_training_seconds"] = round(time.perf_counter() - start, 2)
     metrics["post_training_forward_passes"] = split_logits.forward_passes
+    metrics["training_seconds"] = round(training_seconds, 2)
     write_json(metrics, run_dir / "metrics.json")
     log(f"After training: calibration and evaluation of best.keras took {metrics['post_training_seconds']:.1f} s "
         f"({split_logits.forward_passes} forward pass(es) over {split}).")
     return metrics
+
+
+def _write_report(run_dir: Path, log) -> None:
+    """RUN/report.html (`segtrain.html_report`): a view of the files written; a finished run never fails over it."""
+    from segtrain.html_report import write_report
+
+    try:
+        log(f"Report: {write_report(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - the run's own files are complete; the page can be redone
+        log(f"warning: report.html was not written ({type(exc).__name__}: {exc}); `segtrain report {run_dir}` "
+            "writes it.")

@@ -247,7 +247,8 @@ def test_help_lists_the_commands_in_the_order_of_the_work_each_summary_whole():
     assert result.exit_code == 0
     listed = result.output.split("Commands:\n")[1].splitlines()
     assert [line.split()[0] for line in listed] == list(COMMAND_ORDER)
-    assert COMMAND_ORDER == ("plan", "stats", "fit", "eval", "calibrate", "tune", "predict", "export")
+    assert COMMAND_ORDER == ("plan", "stats", "fit", "eval", "calibrate", "tune", "predict", "export", "report",
+                             "compare")
     for line, name in zip(listed, COMMAND_ORDER):
         assert line.split(None, 1)[1] == cli.commands[name].short_help, line  # on one line, not truncated
     assert "..." not in result.output.split("Commands:")[1]

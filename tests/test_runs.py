@@ -95,6 +95,20 @@ def test_newest_run_is_a_suggestion_for_the_command_line(tmp_path, monkeypatch):
     assert not is_run_path(tmp_path / "runs" / "data") and not is_run_path(old / "config.yaml")
 
 
+def test_no_run_is_never_guessed(tmp_path, monkeypatch):
+    import segtrain
+    from segtrain.errors import CheckpointError
+    from segtrain.runs import resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "only").mkdir(parents=True)
+    (tmp_path / "runs" / "only" / "best.keras").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no run named: .*the newest run under runs/ is runs/only"):
+        resolve_checkpoint(None)
+    with pytest.raises(TypeError):
+        segtrain.evaluate()  # the API names its run too
+
+
 def test_run_config_takes_predict_overrides_in_memory_only(tmp_path):
     from segtrain.errors import CheckpointError, ConfigError
     from segtrain.runs import describe_overrides, run_config
