@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
 def test_fit_writes_a_complete_run_folder(trained):
     base, root, config, run, output = trained
     for name in ("config.yaml", "class_stats.json", "best.keras", "last.keras", "history.csv", "metrics.json",
-                 "history.png", "per_class.csv", "confusion_matrix.png", "run.json"):
+                 "history.png", "per_class.csv", "confusion_matrix.png", "run.json", "report.html"):
         assert (run / name).is_file(), name
     assert any((run / "checkpoints").iterdir()) and (run / "logs").is_dir()
     history = (run / "history.csv").read_text().splitlines()
@@ -372,10 +372,13 @@ def test_eval_defaults_to_the_runs_own_val_split(tmp_path):
     result = invoke("fit", config, "--out", run)
     assert result.exit_code == 0, result.output
 
+    assert "Never evaluated with `segtrain eval`" in (run / "report.html").read_text()  # fit's page
     result = invoke("eval", run)
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "eval_test" / "metrics.json").read_text())
     assert metrics["split"] == "test"
+    page = (run / "report.html").read_text()  # eval refreshed the run's page: its folder is on it
+    assert "Never evaluated" not in page and "eval_test/ (split test)" in page
     assert np.array(metrics["confusion_matrix"]).sum() == 2 * 32 * 32  # the 2 test images, all labelled
     # fit scored best.keras on the same split: the same confusion matrix
     assert metrics["confusion_matrix"] == json.loads((run / "metrics.json").read_text())["confusion_matrix"]
