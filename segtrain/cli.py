@@ -238,13 +238,24 @@ def stats(config_path, overrides, as_json):
 
     config = load_config(config_path, list(overrides))
     data = config.data
-    pairs, mapping, _, counter = scan_training_set(data, description=None if as_json else "counting")
+    held = None
+    if data.val_fraction is not None:  # count what fit trains on: the images the hold-out leaves
+        from segtrain.data.discovery import find_pairs
+        from segtrain.data.holdout import make_holdout
+
+        held = make_holdout(data, config.train.seed, None if as_json else "choosing the val images")
+        training = held.select(find_pairs(data.root, data.train_split), held_out=False)
+    pairs, mapping, _, counter = scan_training_set(data, description=None if as_json else "counting",
+                                                   pairs=None if held is None else training)
     result = class_stats_dict(counter, data.classes, config.loss.class_weights, config.loss.max_weight,
                               config.loss.class_weights_from)
     if as_json:
         click.echo(json_text(result))
     else:
         click.echo(f"{data.root}/{data.train_split}: {len(pairs)} pairs checked; masks read as {mapping.describe()}.")
+        if held is not None:
+            click.echo(f"data.val_fraction {held.fraction:g}: {len(held.val)} images held out for validation as fit "
+                       f"holds them out (seed {held.seed}); the counts below are the other {len(pairs)}.")
         click.echo(format_stats_table(result))
         for warning in result.get("warnings", []):
             click.echo(f"warning: {warning}")

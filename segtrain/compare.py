@@ -56,6 +56,10 @@ def compare_runs(paths: Sequence[str | Path], sort: Optional[str] = None) -> Com
     if not paths:
         raise SegtrainError("no runs to compare: name run folders, e.g. segtrain compare runs/a runs/b.")
     runs = [read_run(path) for path in paths]
+    folders = [run.path.resolve() for run in runs]
+    twice = sorted({str(p) for p in folders if folders.count(p) > 1})
+    if twice:
+        raise SegtrainError(f"{twice[0]}: named twice; compare each run once.")
     names = run_names(runs, paths)
     classes, unshared = shared_classes(runs, names)
     flat = [flatten_config(run.config) for run in runs]
@@ -65,6 +69,11 @@ def compare_runs(paths: Sequence[str | Path], sort: Optional[str] = None) -> Com
     if sort is not None:
         rows = sort_rows(rows, sort)
     return Comparison(runs, names, classes, unshared, rows, keys)
+
+
+def tuned_since(run: RunRecord) -> str:
+    """A marker for a run whose policy.json holds a point `segtrain tune` chose after fit's evaluation."""
+    return "; tuned since (policy.json)" if (run.policy or {}).get("tuned") else ""
 
 
 def run_names(runs: Sequence[RunRecord], paths: Sequence) -> list[str]:
@@ -128,7 +137,7 @@ def run_row(run: RunRecord, name: str, classes: Sequence[str], config: dict) -> 
         row.update(time=run.training_seconds, time_is="the training loop's wall time (metrics.json)")
     else:
         row.update(time=run.step_seconds, time_is="the epochs' step time, no validation (history.csv)")
-    row["decision"] = decision_text(run.metrics.get("decision"), run.classes)
+    row["decision"] = decision_text(run.metrics.get("decision"), run.classes) + tuned_since(run)
     row["config"] = {key: _config_text(value) for key, value in config.items()}
     return row
 

@@ -341,8 +341,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
-    tracking: Union[TrackingConfig, Literal["none", "mlflow"]] = field(default_factory=TrackingConfig)
-    """Experiment tracking: a TrackingConfig, or `mlflow` / `none` as short for {backend: ...}."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking; `tracking: mlflow` is short for {backend: mlflow} (`_expand_shorthands`)."""
 
     @property
     def num_classes(self) -> int:
@@ -374,6 +374,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections data, model, loss, train.")
     for item in overrides:
+        _expand_shorthands(raw)
         apply_override(raw, item)
     config = config_from_dict(raw)
     config.data.root = resolve_data_root(config.data.root, path)
@@ -405,6 +406,17 @@ def resolve_data_root(root: str, config_path: Path) -> str:
     return str(candidate.resolve())  # absolute, so the saved config works from any folder
 
 
+SHORTHANDS = {"tracking": "backend"}
+"""Sections a plain value may stand for: `tracking: mlflow` is {backend: mlflow}."""
+
+
+def _expand_shorthands(raw: dict) -> None:
+    """`section: value` -> `section: {key: value}` for SHORTHANDS, so sub-keys combine with it in any order."""
+    for section, key in SHORTHANDS.items():
+        if isinstance(raw.get(section), str):
+            raw[section] = {key: raw[section]}
+
+
 def apply_override(raw: dict, item: str) -> None:
     """Apply one `dotted.key=value` to the raw dict; the value is parsed as YAML (typed by the schema later).
 
@@ -418,6 +430,9 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if len(steps) == 1 and steps[0] in SHORTHANDS and isinstance(value, str) and isinstance(raw.get(steps[0]), dict):
+        raw[steps[0]][SHORTHANDS[steps[0]]] = value  # `tracking=mlflow` keeps tracking.uri set before it
+        return
     node = raw
     for n, step in enumerate(steps[:-1]):
         where = _steps_text(steps[: n + 1])
@@ -467,6 +482,7 @@ def _steps_text(steps: list) -> str:
 
 def config_from_dict(raw: dict) -> Config:
     """Validate a raw mapping against the schema; raise ConfigError naming the dotted key."""
+    _expand_shorthands(raw)
     classes = _build_dataclass(DataConfig, raw.get("data"), "data").classes  # for the settings about classes
     _check_classes(classes)
     config = _build_dataclass(Config, raw, "", classes)
@@ -727,8 +743,6 @@ def _check_semantics(config: Config) -> None:
     _check_data(config.data, config.model.divisor)
     _check_train(config)
     _check_predict_values(config.predict, config.model.divisor)
-    if isinstance(config.tracking, str):
-        config.tracking = TrackingConfig(backend=config.tracking)
     check_predict(config)
 
 

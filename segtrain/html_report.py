@@ -492,7 +492,7 @@ def _timings_section(record: RunRecord) -> str:
 
 def _policy_section(record: RunRecord) -> str:
     decision = record.metrics.get("decision")
-    parts = [facts([("In force", decision_text(decision, record.classes))], "decision")]
+    parts = [facts([("Fit's evaluation applied", decision_text(decision, record.classes))], "decision")]
     sources = (decision or {}).get("sources") or []
     if sources:
         parts.append("<p>From:</p><ul>" + "".join(f"<li>{esc(s)}</li>" for s in sources) + "</ul>")
@@ -514,8 +514,10 @@ def _policy_section(record: RunRecord) -> str:
     tuned = stored.get("tuned")
     if tuned:
         pairs = [(key.replace("_", " ").capitalize(), json.dumps(value) if isinstance(value, (dict, list)) else value)
-                 for key, value in tuned.items() if key not in ("holdout",)]
-        parts.append("<h3>Tuned operating point (policy.json)</h3>" + facts(pairs))
+                 for key, value in tuned.items() if key not in ("holdout",) and value is not None]
+        parts.append("<h3>Tuned operating point (policy.json)</h3>" + note(
+            "Chosen by `segtrain tune` after fit's evaluation: eval, predict and export apply it while the settings it "
+            "was tuned under hold (the figures above are fit's, before it; `segtrain eval` scores it).") + facts(pairs))
     else:
         parts.append(note(f"No tuned operating point: `segtrain tune {record.path}` chooses one on a labelled "
                           "split."))

@@ -154,8 +154,22 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> tuple[Path, Path]:
                                   "files.")
         return path, path.parent
     kind = "file" if path.suffix == ".keras" else "folder"
-    raise CheckpointError(f"{path}: no such {kind}{where}. {RUN_FOLDER_HINT}, or one of its .keras files; "
-                          f"{newest_run_hint()}.")
+    raise CheckpointError(f"{path}: no such {kind}{where}.{_did_you_mean_run(path)} {RUN_FOLDER_HINT}, or one of "
+                          f"its .keras files; {newest_run_hint()}.")
+
+
+def _did_you_mean_run(path: Path) -> str:
+    """' Did you mean X?' for a run folder beside `path` whose name is close to it (a typo), else ''."""
+    import difflib
+
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        siblings = [p.name for p in parent.iterdir() if p.is_dir() and _model_files(p)]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6) or \
+        [s for s in siblings if s.lower() == path.name.lower()]
+    return f" Did you mean {parent / close[0]}?" if close else ""
 
 
 RUN_OVERRIDABLE = "predict."

@@ -139,3 +139,12 @@ def test_the_training_time_metrics_json_records_is_shown_as_is(runs):
     (runs["a"] / "metrics.json").write_text(json.dumps({**metrics, "training_seconds": 75.0}))
     printed = printed_rows(invoke("compare", runs["a"], runs["c"]).output)
     assert printed["a"]["time"] == "1m15s" and printed["c"]["time"] == "7.5s*"
+
+
+def test_a_run_named_twice_is_refused(tmp_path):
+    from tests.browser import fake_run
+
+    run = fake_run(tmp_path / "a")
+    result = invoke("compare", run, tmp_path / "a", "--out", tmp_path / "c.html")
+    assert result.exit_code == 2 and "named twice; compare each run once" in result.output
+    assert not (tmp_path / "c.html").exists()

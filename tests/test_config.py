@@ -416,3 +416,16 @@ def test_cost_matrix_zeroes_rows_of_ignored_false_negatives():
 def test_no_cost_term_gives_no_cost_matrix():
     assert cost_matrix_from_config({"terms": ["cross_entropy", "dice"]}, BINARY) is None
     np.testing.assert_array_equal(cost_matrix_from_config("cost_sensitive", THREE), 1 - np.eye(3))
+
+
+@pytest.mark.parametrize("sets", [
+    ["tracking=mlflow", "tracking.uri=sqlite:///m.db", "tracking.experiment=x"],
+    ["tracking.uri=sqlite:///m.db", "tracking.experiment=x", "tracking=mlflow"],  # the shorthand last keeps both
+])
+def test_tracking_shorthand_combines_with_its_keys_in_any_order(tmp_path, sets):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path)}}))
+    config = load_config(path, [f"{item}" for item in sets])
+    assert (config.tracking.backend, config.tracking.uri, config.tracking.experiment) == ("mlflow", "sqlite:///m.db", "x")
+    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path)}, "tracking": "mlflow"}))
+    assert load_config(path, ["tracking.uri=u"]).tracking.uri == "u"  # the shorthand in the file, a key by --set

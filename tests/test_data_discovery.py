@@ -86,3 +86,13 @@ def test_predict_with_no_images_names_the_extensions_and_the_subfolder_rule(tmp_
     with pytest.raises(DataError, match=r"no images found in .*empty, .*other: looked for .bmp, .* subfolders are not"):
         collect_images([str(empty), str(tmp_path / "other")])
     assert collect_images([str(empty / "nested")]) == [(empty / "nested" / "a.png").resolve()]
+
+
+def test_a_split_folder_given_as_the_root_names_the_root(tmp_path):
+    from segtrain.data.discovery import find_pairs
+    from segtrain.errors import DataError
+
+    (tmp_path / "data" / "train" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "masks").mkdir()
+    with pytest.raises(DataError, match=f"pass the data set's root, {tmp_path / 'data'}, which holds train/images"):
+        find_pairs(tmp_path / "data" / "train", "train")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from segtrain.config import load_config
-from segtrain.data.holdout import (NO_CLASS, SPLIT_FILE, HeldOutSplit, class_presence, make_holdout,
+from segtrain.data.holdout import (NO_CLASS, SPLIT_FILE, HeldOutSplit, class_pixels, describe, make_holdout,
                                    split_pairs, stratified_holdout, stratum_keys)
 from segtrain.data.discovery import find_pairs
 from segtrain.data.masks import MaskMapping
@@ -24,6 +24,13 @@ def test_stratum_is_the_rarest_class_each_image_holds():
     # class 0 in all 5 images, class 1 in 3, class 2 in 1: image 3 holds 1 and 2 -> 2; an empty image -> NO_CLASS
     presence = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]], bool)
     assert stratum_keys(presence).tolist() == [0, 1, 1, 2, 0, NO_CLASS]
+
+
+def test_ties_go_to_the_class_with_fewer_pixels():
+    every = np.ones((4, 2), bool)  # both classes in every image, as in a data set of cracks
+    assert stratum_keys(every, pixels=[98_000, 1_600]).tolist() == [1, 1, 1, 1]
+    holdout = HeldOutSplit("train", 0.25, 0, ["a"], {"crack": [4, 1]})
+    assert "every image holds the same rarest class, so a plain seeded draw" in describe(holdout, 3)
 
 
 def test_quota_per_stratum_by_largest_remainder():
@@ -61,14 +68,17 @@ def test_a_share_leaving_a_side_empty_is_refused(fraction, n):
         stratified_holdout([0] * n, fraction, 0)
 
 
-def test_presence_read_from_the_masks(tmp_path):
+def test_class_pixels_read_from_the_masks(tmp_path):
     root = make_stripes_dataset(tmp_path / "data", n_train=3, n_val=0, size=16)
     blank = np.zeros((16, 16), np.uint8)
     write_pair(root, "train", "img03", np.zeros((16, 16, 3), np.uint8), blank)
     config = load_config(write_config(tmp_path / "c.yaml", root))
     pairs = find_pairs(root, "train")
-    presence = class_presence(pairs, MaskMapping(config.data.mask, config.data.classes), 2, 10**8)
-    assert presence.tolist() == [[True, True]] * 3 + [[True, False]]
+    pixels = class_pixels(pairs, MaskMapping(config.data.mask, config.data.classes), 2, 10**8)
+    from PIL import Image
+
+    stripes = [int((np.asarray(Image.open(p.mask)) > 127).sum()) for p in pairs]  # threshold 127, read by hand
+    assert pixels.tolist() == [[256 - s, s] for s in stripes] and stripes[-1] == 0 and min(stripes[:3]) > 0
 
 
 # ---------------------------------------------------------------------------- the run
@@ -149,3 +159,20 @@ def test_fit_without_a_val_folder_suggests_val_fraction(tmp_path):
     assert result.exit_code == 2
     assert f"{root / 'val'}: split folder not found" in result.output and "data.val_fraction: 0.2" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_stats_counts_what_fit_trains_on(tmp_path):
+    root = train_only_dataset(tmp_path, n=7)  # 10 images: 2 held out
+    config = write_config(tmp_path / "c.yaml", root, data={"val_fraction": 0.2, "classes": ["background", "stripe"],
+                                                           "mask": {"threshold": 127}, "crop": 16, "batch_size": 4})
+    result = invoke("stats", config, "--json")
+    assert result.exit_code == 0, result.output
+    counted = json.loads(result.output)
+    held = set(make_holdout(load_config(config).data, seed=1).val)
+    from PIL import Image
+
+    stripe = sum(int((np.asarray(Image.open(p.mask)) > 127).sum()) for p in find_pairs(root, "train")
+                 if p.stem not in held)
+    assert counted["num_images"] == 8 and counted["counts"][1] == stripe
+    text = invoke("stats", config).output
+    assert "data.val_fraction 0.2: 2 images held out for validation as fit holds them out" in text

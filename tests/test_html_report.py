@@ -55,7 +55,7 @@ def test_a_trained_runs_page_holds_its_numbers_and_fetches_nothing(evaluated_run
     stats = json.loads((run / "class_stats.json").read_text())
     assert [int(row[1]) for row in tables["class-stats"][1:]] == stats["counts"]
     temperature = json.loads((run / "policy.json").read_text())["calibration"]["temperature"]
-    assert dict(tables["decision"])["In force"] == f"argmax, temperature {temperature:.4f}"
+    assert dict(tables["decision"])["Fit's evaluation applied"] == f"argmax, temperature {temperature:.4f}"
     assert "Never evaluated" not in text and "eval_val/ (split val)" in text
     # every PNG of the run folder and of eval_val/ is inlined, none drawn again
     pngs = len(list(run.glob("*.png"))) + len(list((run / "eval_val").glob("*.png")))

@@ -212,14 +212,19 @@ def test_gaps_in_class_ids_are_renumbered_and_discrete_values_mapped():
     assert class_names(levels.value).value == ["class_0", "class_128", "class_255"]
 
 
-def test_a_rare_far_value_gets_a_void_note_but_stays_a_class(fps):
-    fp = fps["rare_0_255"]
-    assert fp.ignore.value == []
-    assert len(fp.ignore.notes) == 1
-    note = fp.ignore.notes[0]
-    assert "value 255" in note and "void" in note and "--ignore 255" in note and "0.2%" in note
+def test_a_rare_far_value_gets_a_void_note_but_stays_a_class():
+    raw = RawMasks("values", 8, {0: 700, 20: 298, 200: 2}, 1)  # 200: 0.2% of pixels, 180 above the others
+    decision = ignore_values(raw)
+    assert decision.value == [] and len(decision.notes) == 1
+    note = decision.notes[0]
+    assert "value 200" in note and "void" in note and "--ignore 200" in note and "0.2%" in note
+
+
+def test_no_void_note_when_ignoring_would_leave_one_class(fps):
+    fp = fps["rare_0_255"]  # 0 and a rare 255 (0.2%): a rare foreground, or void; ignoring it leaves one class
+    assert fp.ignore.value == [] and fp.ignore.notes == []
     assert fp.encoding.value.mode == "threshold"
-    assert any("--ignore 255" in n for n in _plan(fp).notes)
+    assert not any("--ignore 255" in n for n in _plan(fp).notes)
 
 
 def test_255_beside_class_ids_is_ignored_as_void(fps):

@@ -70,8 +70,8 @@ def test_resolve_checkpoint_says_what_was_looked_for_and_where(tmp_path, monkeyp
     with pytest.raises(CheckpointError) as missing:
         resolve_checkpoint("runs/road")
     message = str(missing.value.message)
-    assert message.startswith(f"runs/road: no such folder (looked in {tmp_path}). Pass a run folder written by "
-                              "`segtrain fit` (it holds best.keras and config.yaml)")
+    assert message.startswith(f"runs/road: no such folder (looked in {tmp_path}). Did you mean runs/roads? Pass a "
+                              "run folder written by `segtrain fit` (it holds best.keras and config.yaml)")
     assert "the newest run under runs/ is runs/roads" in message
     with pytest.raises(CheckpointError, match=r"^/nowhere/run: no such folder\. Pass"):  # absolute: no cwd
         resolve_checkpoint("/nowhere/run")

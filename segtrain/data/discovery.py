@@ -49,7 +49,11 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
         raise DataError(f"{root}: data set folder not found. Set data.root to a folder holding {split}/images and {split}/masks.")
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir}: split folder not found. Create it with images/ and masks/ inside, or choose another split.")
+        if (root / "images").is_dir() and (root / "masks").is_dir():  # given a split folder, not the data set's root
+            raise DataError(f"{split_dir}: split folder not found. {root} holds images/ and masks/ itself: pass the "
+                            f"data set's root, {root.parent}, which holds {split}/images and {split}/masks.")
+        raise DataError(f"{split_dir}: split folder not found. Create it with images/ and masks/ inside, or choose "
+                        "another split.")
     images = list_images(split_dir / "images")
     masks = list_images(split_dir / "masks", MASK_SUFFIXES, "mask")
     if not images:

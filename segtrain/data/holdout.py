@@ -2,7 +2,7 @@
 
 A data set with only `train/` still needs images to validate, calibrate and tune on. fit draws them from the
 training split once: the images are grouped by the rarest class each one holds (rarest = held by the fewest
-images), each group gives its share (largest remainders round the total to round(fraction x n)), and a generator
+images, ties to the fewest pixels), each group gives its share (largest remainders round the total to round(fraction x n)), and a generator
 seeded by `train.seed` picks which. The held-out file stems go to RUN/split.json; from then on the run's
 `val_split` name means those images and its `train_split` name the others, for fit, resume, eval, calibrate and
 tune alike (`split_pairs`).
@@ -73,14 +73,15 @@ class HeldOutSplit:
             raise ConfigError(f"{path}: unreadable ({exc}). Train a new run.") from None
 
 
-def stratum_keys(presence: np.ndarray) -> np.ndarray:
-    """Per image, the rarest class it holds (the class held by the fewest images; ties to the lower index), or
-    NO_CLASS. `presence`: bool, images x classes."""
+def stratum_keys(presence: np.ndarray, pixels: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per image, the rarest class it holds (the class held by the fewest images; ties to the fewest `pixels`,
+    then the lower index), or NO_CLASS. `presence`: bool, images x classes; `pixels`: each class's pixel count."""
     presence = np.asarray(presence, bool)
     if presence.size == 0:
         return np.full(len(presence), NO_CLASS, np.int64)
     held_by = presence.sum(axis=0)
-    order = np.lexsort((np.arange(presence.shape[1]), held_by))  # rarest first
+    pixels = np.zeros(presence.shape[1]) if pixels is None else np.asarray(pixels)
+    order = np.lexsort((np.arange(presence.shape[1]), pixels, held_by))  # rarest first
     keys = np.full(len(presence), NO_CLASS, np.int64)
     for c in order[::-1]:  # the rarest class is written last and wins
         keys[presence[:, c]] = c
@@ -113,28 +114,27 @@ def stratified_holdout(keys: Sequence[int], fraction: float, seed: int) -> list[
     return sorted(chosen)
 
 
-def class_presence(pairs: Sequence[Pair], mapping: MaskMapping, num_classes: int, max_pixels: int,
-                   description: Optional[str] = None) -> np.ndarray:
-    """bool images x classes: which classes each mask holds (values the config does not cover are skipped here;
-    the training pass reports them)."""
-    def present(pair: Pair) -> np.ndarray:
+def class_pixels(pairs: Sequence[Pair], mapping: MaskMapping, num_classes: int, max_pixels: int,
+                 description: Optional[str] = None) -> np.ndarray:
+    """int64 images x classes: each mask's pixels of each class (values the config does not cover are skipped
+    here; the training pass reports them)."""
+    def count(pair: Pair) -> np.ndarray:
         classes, _ = mapping.classes_and_unmapped(read_raw_mask(pair.mask, mapping.rgb, max_pixels), pair.mask)
-        counts = np.bincount(classes[(classes >= 0) & (classes < num_classes)].ravel(), minlength=num_classes)
-        return counts > 0
+        return np.bincount(classes[(classes >= 0) & (classes < num_classes)].ravel(), minlength=num_classes)
 
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        rows = list(tqdm(pool.map(present, pairs), total=len(pairs), desc=description, unit="mask", leave=False,
+        rows = list(tqdm(pool.map(count, pairs), total=len(pairs), desc=description, unit="mask", leave=False,
                          disable=True if description is None else None))
-    return np.array(rows, bool).reshape(len(pairs), num_classes)
+    return np.array(rows, np.int64).reshape(len(pairs), num_classes)
 
 
 def make_holdout(data, seed: int, description: Optional[str] = "choosing the val images") -> HeldOutSplit:
     """Choose the held-out images of `data.train_split` for `data.val_fraction` (a DataConfig with it set)."""
     pairs = find_pairs(data.root, data.train_split)
-    presence = class_presence(pairs, MaskMapping(data.mask, data.classes), len(data.classes),
-                              data.max_image_pixels, description)
-    keys = stratum_keys(presence)
+    pixels = class_pixels(pairs, MaskMapping(data.mask, data.classes), len(data.classes), data.max_image_pixels,
+                          description)
+    keys = stratum_keys(pixels > 0, pixels.sum(axis=0))
     held = stratified_holdout(keys, float(data.val_fraction), seed)
     names = list(data.classes)
     strata = {}
@@ -162,7 +162,11 @@ def split_pairs(config, split: str, run_dir: Optional[Path], data_root: Optional
 
 def describe(holdout: HeldOutSplit, train_images: int) -> str:
     """One line for fit's log: how many images were held out of which split, and by what rule."""
-    strata = ", ".join(f"{name} {held}/{total}" for name, (total, held) in holdout.strata.items())
+    if len(holdout.strata) > 1:
+        strata = ", ".join(f"{name} {held}/{total}" for name, (total, held) in holdout.strata.items())
+        how = f"held out per rarest class an image holds: {strata}"
+    else:
+        how = "every image holds the same rarest class, so a plain seeded draw"
     return (f"data.val_fraction {holdout.fraction:g}: validating on {len(holdout.val)} of the "
-            f"{len(holdout.val) + train_images} {holdout.source}/ images (seed {holdout.seed}; held out per rarest "
-            f"class held: {strata}); recorded in {SPLIT_FILE}.")
+            f"{len(holdout.val) + train_images} {holdout.source}/ images (seed {holdout.seed}; {how}); recorded in "
+            f"{SPLIT_FILE}.")

@@ -111,7 +111,7 @@ def ignore_values(raw: RawMasks, requested: Optional[list] = None) -> Decision:
         if len(rest) <= SOFT_VALUES:
             for value in rest:
                 others = [v for v in rest if v != value]
-                if not others or raw.share(value) >= VOID_SHARE:
+                if len(others) < 2 or raw.share(value) >= VOID_SHARE:  # ignoring it would leave one class
                     continue
                 gap = min(abs(value - v) for v in others)
                 spread = max(np.diff(others).max(initial=0), 1)

@@ -442,8 +442,8 @@ def tune_run(checkpoint, split: Optional[str] = None, objective: Optional[str] =
     base = predictor.policy
     if split == config.data.val_split and held_out is None:
         log(f"warning: tuning on {split!r}, the split `segtrain eval` reports by default: eval's figures on it after "
-            "tuning are optimistic (the held-out estimate below is not). Tune on another labelled split to report "
-            "honestly.")
+            "tuning are optimistic (the held-out estimate below is not). Tune on another labelled split, or pass "
+            "--holdout 0.5 to keep half of this one for eval, to report honestly.")
     search_tau = config.predict.prior_correction == "tuned"
     data = TuningData(SplitLogits(predictor, pairs, MaskMapping(config.data.mask, classes), "tuning"), base,
                       search_threshold=k == 2 and not search_tau, search_tau=search_tau,
