@@ -56,7 +56,7 @@ def fit(config_path: Path, budget: str, run_dir: Path, extra=()) -> dict:
     plan = json.loads((run_dir / "budget.json").read_text())
     metrics["wall_minutes"] = (time.perf_counter() - start) / 60
     metrics["train_minutes"] = metrics["wall_minutes"] - metrics.get("post_training_seconds", 0.0) / 60
-    metrics["planned_steps"] = plan["total_steps"]
+    metrics["planned_steps"] = plan["replans"][-1]["total_steps"] if plan.get("replans") else plan["total_steps"]
     return metrics
 
 

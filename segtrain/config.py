@@ -101,7 +101,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop: Optional[int] = 128
-    """Side of the square random training crop (a multiple of 2**model.depth); null trains on whole images."""
+    """Side of the square random training crop (a multiple of 2**model.depth, or of 32 with model.encoder); null trains on whole images."""
     resize: Optional[list[int]] = None
     """[height, width] every image (and mask, by nearest neighbour) is resized to before cropping."""
     batch_size: int = 8
@@ -843,7 +843,8 @@ def _check_data(data: DataConfig, divisor: int) -> None:
     """The data section's sizes; `divisor` = 2**model.depth."""
     if data.crop is not None and (data.crop <= 0 or data.crop % divisor):
         raise ConfigError(
-            f"data.crop: {data.crop} is not a positive multiple of 2**model.depth = {divisor}; "
+            f"data.crop: {data.crop} is not a positive multiple of {divisor} (2**model.depth, or 32 with "
+            "model.encoder); "
             f"use e.g. {max(divisor, round((data.crop or divisor) / divisor) * divisor)}."
         )
     if data.resize is not None and (len(data.resize) != 2 or min(data.resize) <= 0):
@@ -901,7 +902,8 @@ def _check_predict_values(predict: PredictConfig, divisor: int) -> None:
     if predict.batch_size < 1:
         raise ConfigError("predict.batch_size: must be at least 1.")
     if predict.tile_size is not None and (predict.tile_size <= 0 or predict.tile_size % divisor):
-        raise ConfigError(f"predict.tile_size: must be a positive multiple of 2**model.depth = {divisor}.")
+        raise ConfigError(f"predict.tile_size: must be a positive multiple of {divisor} (2**model.depth, or 32 with "
+                          "model.encoder).")
 
 
 def _check_train(config: Config) -> None:

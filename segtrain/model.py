@@ -7,6 +7,8 @@ from typing import Optional
 import keras
 from keras import layers
 
+from segtrain.input_scaling import scale_input
+
 
 def _conv_block(x, filters: int, batch_norm: bool, name: str):
     for i in (1, 2):
@@ -15,22 +17,6 @@ def _conv_block(x, filters: int, batch_norm: bool, name: str):
             x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
-
-
-def _scale_input(inputs, in_channels: int, normalization: Optional[dict]):
-    """Raw pixels to the network's scale: 0..255 -> [-1, 1] (`data.normalize: fixed`), or the training set's
-    robust statistics (`dataset`, `segtrain.data.normalization`): Rescaling maps [low, high] to [0, 1] per
-    channel, ReLU(max_value=1) clips, Normalization standardises. Keras layers only: no custom objects."""
-    if normalization is None or normalization.get("method", "fixed") == "fixed":
-        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
-    from segtrain.data.normalization import model_normalization
-
-    scale, offset, mean, variance = model_normalization(normalization)
-    if len(scale) != in_channels:
-        raise ValueError(f"normalization statistics for {len(scale)} channels, but the model takes {in_channels}")
-    x = layers.Rescaling(scale, offset=offset, name="normalize_range")(inputs)
-    x = layers.ReLU(max_value=1.0, name="normalize_clip")(x)
-    return layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(x)
 
 
 def build_unet(in_channels: int, out_channels: int, depth: int = 4, base_filters: int = 16,
@@ -45,12 +31,12 @@ def build_unet(in_channels: int, out_channels: int, depth: int = 4, base_filters
         batch_norm: batch normalisation after each convolution.
         dropout: dropout rate at the bottleneck.
         normalization: None (or method "fixed"): 0..255 is mapped to [-1, 1]; the "normalization" entry of
-            class_stats.json (method "dataset"): per-channel robust statistics built in (`_scale_input`).
+            class_stats.json (method "dataset"): per-channel robust statistics built in (`segtrain.input_scaling.scale_input`).
 
     The last layer computes in float32 so that logits stay float32 under mixed precision.
     """
     inputs = keras.Input(shape=(None, None, in_channels), name="image")
-    x = _scale_input(inputs, in_channels, normalization)
+    x = scale_input(inputs, in_channels, normalization)
     skips = []
     for level in range(depth):
         x = _conv_block(x, base_filters * 2**level, batch_norm, f"down{level}")
@@ -71,3 +57,18 @@ def build_unet(in_channels: int, out_channels: int, depth: int = 4, base_filters
 def output_channels(num_classes: int) -> int:
     """One sigmoid channel for two classes, one softmax channel per class otherwise."""
     return 1 if num_classes == 2 else num_classes
+
+
+def build_model(model_config, in_channels: int, out_channels: int, normalization: Optional[dict] = None,
+                load_weights: bool = True) -> keras.Model:
+    """The network `model` (a ModelConfig) describes: the plain U-Net above, or with `model.encoder` a U-Net on a
+    pretrained backbone (`segtrain.encoders.build`), its `model.encoder_weights` loaded unless `load_weights` is
+    False (a resumed run restores every weight from its checkpoint)."""
+    if model_config.encoder == "none":
+        return build_unet(in_channels, out_channels, model_config.depth, model_config.base_filters,
+                          model_config.batch_norm, model_config.dropout, normalization=normalization)
+    from segtrain.encoders.build import build_encoder_unet
+
+    return build_encoder_unet(model_config.encoder, in_channels, out_channels, model_config.decoder_filters,
+                              model_config.batch_norm, model_config.dropout, normalization,
+                              weights=model_config.encoder_weights if load_weights else "none")

@@ -131,7 +131,7 @@ FIT_CASES = {
                           "cost_matrix: expected a 2 x 2"),
     "cost_matrix_diagonal": (lambda ctx: ["--set", "loss={terms: [{name: cost_sensitive, cost_matrix: [[1, 1], [1, 0]]}]}"],
                              "cost_matrix[0][0]: the diagonal must be 0"),
-    "crop_not_divisible": (lambda ctx: ["--set", "data.crop=10"], "data.crop: 10 is not a positive multiple of 2**model.depth = 4"),
+    "crop_not_divisible": (lambda ctx: ["--set", "data.crop=10"], "data.crop: 10 is not a positive multiple of 4 (2**model.depth, or 32 with model.encoder)"),
     "batch_smaller_than_replicas": (_stub_replicas, "data.batch_size: the global batch of 1 cannot be split evenly over 2 replicas"),
     "unknown_monitor": (lambda ctx: ["--set", "train.monitor=val_miou"], "Did you mean 'val_mean_iou'?"),
     "plateau_factor": (lambda ctx: ["--set", "train.schedule=plateau", "--set", "train.plateau_factor=2"],

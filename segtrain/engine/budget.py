@@ -29,6 +29,14 @@ The rules, one constant each (below), in the order a budgeted run meets them:
 3. **Record.** The plan goes to `PLAN_FILE` in the run folder before the first checkpoint; `--resume` reads it
    back and never measures again, so a resumed run ends at the same step, with the same weights (bit for bit with
    train.deterministic on the CPU), as an uninterrupted one.
+4. **Re-plan** (`replan`, a pure function). A step time measured in the first seconds can be far off when the
+   machine's load changes (measured while other jobs ran, a run then finishes in a third of its budget). At each
+   epoch end the wall time per step of the last `REPLAN_WINDOW` epochs (validation and writes included) prices
+   the time left; when the steps that fit differ from the planned end by more than `REPLAN_SHARE`, the run's end
+   moves there. The learning rate stays continuous: from the re-planned step on, the schedule runs through the rest
+   of its course, stretched or squeezed to end at the new last step (`segtrain.engine.schedules.Stretched`). Each
+   re-plan is recorded in `PLAN_FILE` before that epoch's checkpoint; a resumed run replays the recorded ones and
+   makes no new ones (the time spent before the interruption is not known).
 
 Nothing here imports TensorFlow: the loop (`segtrain.engine.loop.measure_and_plan`) hands `measure` its steps.
 """
@@ -61,6 +69,10 @@ CADENCE_VALIDATIONS = 20
 """Otherwise the epoch is a fixed number of steps, planned for this many validations ..."""
 MAX_VALIDATION_SHARE = 0.10
 """... or fewer, so that validation costs at most this share of the budget (always at least one, at the end)."""
+REPLAN_SHARE = 0.05
+"""An epoch end re-plans when the steps that fit the time left differ from the planned end by more than this share."""
+REPLAN_WINDOW = 3
+"""... priced at the wall time per step of the last this many epochs (validation and epoch-end writes included)."""
 
 clock: Callable[[], float] = time.perf_counter
 """The clock `measure` reads (a module attribute, so a test can make the measurement deterministic)."""
@@ -206,6 +218,27 @@ class BudgetPlan:
     measuring_learning_rate: Optional[float] = None
     """The rate of the measured steps (the schedule's starting rate); set by the training loop."""
     warnings: list = field(default_factory=list)
+    replans: list = field(default_factory=list)
+    """Epoch ends where the run's end moved (`replan`), in order: {after_epoch, at_step, total_steps,
+    virtual_step, seconds_per_step, elapsed_seconds}. `total_steps` above stays the first plan's (the schedule's
+    course); `end_step` is where the run ends."""
+
+    def replans_until(self, epoch: Optional[int] = None) -> list:
+        """The re-plans made at the end of epoch `epoch` or before (None: all)."""
+        return [r for r in self.replans if epoch is None or r["after_epoch"] <= epoch]
+
+    def end_step(self, epoch: Optional[int] = None) -> int:
+        """The run's last step as planned after epoch `epoch` (None: after every recorded re-plan)."""
+        made = self.replans_until(epoch)
+        return int(made[-1]["total_steps"]) if made else self.total_steps
+
+    def epochs_at(self, epoch: Optional[int] = None) -> int:
+        """Epochs of the run as planned after epoch `epoch` (the last may be short, ending at `end_step`)."""
+        return math.ceil(self.end_step(epoch) / self.steps_per_epoch)
+
+    def knots(self, epoch: Optional[int] = None) -> list:
+        """(at_step, virtual_step, total_steps) of the re-plans until `epoch`: the schedule's stretch points."""
+        return [(int(r["at_step"]), float(r["virtual_step"]), int(r["total_steps"])) for r in self.replans_until(epoch)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -226,6 +259,41 @@ class BudgetPlan:
                 f"{self.validations} validation(s) ({self.overhead_share:.1%} of the budget with the epoch ends); "
                 f"{clock_text(self.planned_seconds)} planned, a {self.margin:.0%} margin; the learning rate reaches "
                 f"its end at step {self.total_steps}. Plan: {PLAN_FILE}")
+
+
+def virtual_step(knots: list, horizon: int, step: float) -> float:
+    """Where `step` falls on the first plan's course of `horizon` steps, given re-plans `knots` ((at_step,
+    virtual_step, total_steps), in order): the step itself before the first; after a knot, linear from its virtual
+    step at its step to `horizon` at its total. `segtrain.engine.schedules.Stretched` computes the same in TF."""
+    v = float(step)
+    for at, virtual, total in knots:
+        if step >= at:
+            v = float(horizon) if total <= at else virtual + (horizon - virtual) * (step - at) / (total - at)
+    return v
+
+
+def replan(plan: BudgetPlan, epoch: int, step: int, elapsed_seconds: float, seconds_per_step: float) -> Optional[dict]:
+    """The re-plan at the end of epoch `epoch` (global step `step`, `elapsed_seconds` of the budget used, the last
+    epochs' wall time per step), or None when the planned end still fits within REPLAN_SHARE.
+
+    Formula:
+    ```
+    fits = step + floor((budget * (1 - margin) - elapsed) / seconds_per_step)   (at least step: over budget, end now)
+    re-plan when |fits - end| > REPLAN_SHARE * end
+    ```
+    Example: a 600 s budget (570 s planned), 1000 steps planned; after 300 steps 200 s have passed at 0.4 s a step
+    now: 370 s left pay 925 more steps, so the run ends at step 1225 instead of 1000.
+    """
+    end = plan.end_step(epoch)
+    if step >= end:
+        return None
+    left = plan.budget_seconds * (1 - plan.margin) - elapsed_seconds
+    fits = step + max(0, int(left / max(seconds_per_step, 1e-9)))
+    if abs(fits - end) <= REPLAN_SHARE * end:
+        return None
+    virtual = virtual_step(plan.knots(epoch), plan.total_steps, step)
+    return {"after_epoch": int(epoch), "at_step": int(step), "total_steps": int(fits), "virtual_step": virtual,
+            "seconds_per_step": round(float(seconds_per_step), 6), "elapsed_seconds": round(float(elapsed_seconds), 3)}
 
 
 def validations_for(total_steps: int, steps_per_epoch: int, validate_every: int = 1) -> int:
@@ -367,6 +435,9 @@ def read_plan(run_dir: Path, budget_seconds: float) -> BudgetPlan:
         if plan.measuring_learning_rate is None or min(plan.total_steps, plan.steps_per_epoch) < 1 \
                 or plan.total_steps < plan.measured_steps:
             raise ValueError("measuring_learning_rate, total_steps >= measured_steps and steps_per_epoch >= 1 needed")
+        for r in plan.replans:
+            if not {"after_epoch", "at_step", "total_steps", "virtual_step"} <= set(r):
+                raise ValueError("a re-plan without after_epoch, at_step, total_steps and virtual_step")
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: not a usable budget plan ({exc}). Start a new run with --out.") from None
     if not math.isclose(plan.budget_seconds, budget_seconds, rel_tol=1e-9):

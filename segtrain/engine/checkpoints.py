@@ -119,8 +119,8 @@ class TrainingState:
             first = str(exc).splitlines()[0][:300]
             raise CheckpointError(
                 f"{latest}: checkpoint does not match this config's model ({first}). "
-                "Was model.depth, model.base_filters or data.classes changed? Resume with the run's own "
-                "config.yaml, or start a new run with --out."
+                "Was model.depth, model.base_filters, model.encoder or data.classes changed? Resume with the run's "
+                "own config.yaml, or start a new run with --out."
             ) from None
         return latest
 

@@ -34,21 +34,31 @@ def run_training(engine: Engine, data: RunData, run_dir: Path, log) -> LoopState
     """Train from where `engine.loop` stands to the last epoch (or an early stop); returns the loop state."""
     train, loop = engine.config.train, engine.loop
     files = EpochFiles(run_dir, engine.chief, engine, data)
+    from segtrain.engine import budget
+
+    budget_clock = None  # when this process measured the step time: the budget's start (budget.clock), to re-plan
+    epoch_times: list = []  # (seconds, steps) of each epoch in this process, validation and writes included
     with StopFlag() as stop:
         if train.budget is not None and engine.plan is None:
+            budget_clock = budget.clock()
             measure_and_plan(engine, data, stop, run_dir, log)
-        epochs = engine.epochs
-        while loop.epoch < epochs:
+        while loop.epoch < engine.epochs:
             started = time.perf_counter()
+            epoch_clock = budget.clock() if budget_clock is not None else None
             steps_before = loop.step_in_epoch
-            train_epoch(engine, data, loop, stop, run_dir)
-            row = epoch_row(engine, loop, time.perf_counter() - started, loop.step_in_epoch - steps_before)
-            validated = (loop.epoch + 1) % train.validate_every == 0 or loop.epoch + 1 == epochs
+            train_epoch(engine, data, loop, stop, run_dir, log)
+            steps_done = loop.step_in_epoch - steps_before
+            row = epoch_row(engine, loop, time.perf_counter() - started, steps_done)
+            validated = (loop.epoch + 1) % train.validate_every == 0 or loop.epoch + 1 == engine.epochs
             if validated:
                 row.update(validation_columns(engine, data))
             improved = loop.finish_epoch(row)
             lowered = engine.plateau.update(improved) if engine.plateau is not None and validated else None
             files.write(loop.rows, engine.model, improved)
+            if epoch_clock is not None:
+                epoch_times.append((budget.clock() - epoch_clock, steps_done))
+            if engine.plan is not None:
+                replan_at_epoch_end(engine, epoch_times, budget_clock, run_dir, log)
             save_checkpoint(engine, loop, f"after epoch {loop.epoch}", run_dir)
             if engine.trainer.stop_agreed(stop.requested):  # a signal during validation or saving
                 raise interrupted(stop, f"after epoch {loop.epoch}", run_dir)
@@ -63,8 +73,41 @@ def run_training(engine: Engine, data: RunData, run_dir: Path, log) -> LoopState
     return loop
 
 
-def train_epoch(engine: Engine, data: RunData, loop: LoopState, stop: "StopFlag", run_dir: Path) -> None:
-    """The epoch's remaining optimizer steps, in compiled calls of up to `steps_per_execution` steps."""
+def replan_at_epoch_end(engine: Engine, epoch_times: list, budget_clock: Optional[float], run_dir: Path,
+                        log) -> None:
+    """A budgeted run's epoch end, before its checkpoint: replay the re-plan recorded for this epoch (a resumed
+    run), or, in the process that measured the step time, price the time left at the last epochs' wall time per
+    step (not the first epoch's, which pays a trace) and move the run's end when it drifted (`segtrain.engine.budget.replan`; recorded in budget.json first)."""
+    from segtrain.engine import budget
+
+    plan, loop = engine.plan, engine.loop
+    recorded = [r for r in plan.replans if r["after_epoch"] == loop.epoch]
+    if recorded:
+        decision = recorded[0]
+    elif budget_clock is not None and loop.epoch < engine.epochs and len(epoch_times) >= 2:
+        window = epoch_times[1:][-budget.REPLAN_WINDOW:]  # the first epoch pays the planned schedule's trace
+        seconds, steps = sum(t for t, _ in window), sum(n for _, n in window)
+        if steps == 0:
+            return
+        elapsed, per_step = engine.trainer.agreed_mean([budget.clock() - budget_clock, seconds / steps])
+        decision = budget.replan(plan, loop.epoch, loop.global_step, elapsed, per_step)
+        if decision is None:
+            return
+        plan.replans = [r for r in plan.replans if r["after_epoch"] < loop.epoch] + [decision]
+        if engine.chief:
+            budget.write_plan(plan, run_dir)
+        log(f"Budget re-planned after epoch {loop.epoch}: {budget.clock_text(elapsed)} of {plan.budget} used, "
+            f"{per_step:.3g} s per step over the last {len(window)} epoch(s) (validation and writes included): the "
+            f"run now ends at step {decision['total_steps']} (was {plan.end_step(loop.epoch - 1)}); the learning "
+            "rate still completes its schedule there.")
+    else:
+        return
+    engine.apply_plan(plan, loop.epoch)
+
+
+def train_epoch(engine: Engine, data: RunData, loop: LoopState, stop: "StopFlag", run_dir: Path, log=None) -> None:
+    """The epoch's remaining optimizer steps, in compiled calls of up to `steps_per_execution` steps (a call ends
+    where an encoder unfreezes, `Engine.sync_encoder`)."""
     from tqdm import tqdm
 
     train, batch = engine.config.train, engine.config.data.batch_size
@@ -74,7 +117,11 @@ def train_epoch(engine: Engine, data: RunData, loop: LoopState, stop: "StopFlag"
     started, images = time.perf_counter(), 0
     try:
         while loop.steps_left_in_epoch > 0:
-            count = steps_in_next_call(loop, train.checkpoint_every_steps, engine.steps_per_execution)
+            count = steps_in_next_call(loop, train.checkpoint_every_steps, engine.steps_per_execution,
+                                       engine.freeze_until)
+            if engine.sync_encoder(loop.global_step) and log is not None:
+                log(f"Encoder unfrozen at step {loop.global_step}: it trains from now on at the learning rate x "
+                    f"train.encoder_lr_scale = {train.encoder_lr_scale:g}.")
             try:
                 losses = engine.trainer.train_steps(data.train_iterator, count)
             except tf.errors.OpError as exc:
@@ -103,6 +150,7 @@ def measure_and_plan(engine: Engine, data: RunData, stop: "StopFlag", run_dir: P
 
     config, loop, trainer = engine.config, engine.loop, engine.trainer
     train = config.train
+    engine.sync_encoder(loop.global_step, measuring=True)
 
     def train_call(count: int) -> None:
         try:
@@ -168,11 +216,15 @@ def measure_and_plan(engine: Engine, data: RunData, stop: "StopFlag", run_dir: P
         raise interrupted(stop, where, run_dir)
 
 
-def steps_in_next_call(loop: LoopState, checkpoint_every: Optional[int], per_call: int) -> int:
-    """Steps of the next compiled call: at most `per_call`, never past the epoch's end or a checkpoint step."""
+def steps_in_next_call(loop: LoopState, checkpoint_every: Optional[int], per_call: int,
+                       freeze_until: int = 0) -> int:
+    """Steps of the next compiled call: at most `per_call`, never past the epoch's end, a checkpoint step or the
+    step where the encoder unfreezes (`freeze_until`)."""
     count = min(per_call, loop.steps_left_in_epoch)
     if checkpoint_every:
         count = min(count, checkpoint_every - loop.global_step % checkpoint_every)
+    if loop.global_step < freeze_until:
+        count = min(count, freeze_until - loop.global_step)
     return count
 
 

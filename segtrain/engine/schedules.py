@@ -121,10 +121,58 @@ class AfterMeasuring(keras.optimizers.schedules.LearningRateSchedule):
         return cls(**config)
 
 
-def make_budget_schedule(train: TrainConfig, plan, lr_scale: Optional[tf.Variable] = None) -> AfterMeasuring:
-    """The schedule of a budgeted run from its plan (`segtrain.engine.budget.BudgetPlan`)."""
+@keras.saving.register_keras_serializable(package="segtrain")
+class Stretched(keras.optimizers.schedules.LearningRateSchedule):
+    """A budgeted run's schedule after re-plans: the first plan's course, stretched to the moved ends.
+
+    Formula (`segtrain.engine.budget.virtual_step`, the same in NumPy):
+    ```
+    lr(step) = schedule(round(v(step)))
+    v(step) = step                                                          before the first knot
+    v(step) = v_k + (horizon - v_k) * (step - s_k) / (T_k - s_k)            from knot k (s_k, v_k, T_k) on
+    ```
+    v is continuous at each knot (v_k is where the previous course stood at s_k), so the rate does not jump, and
+    reaches the course's end (`horizon`, the first plan's total) at the re-planned last step T_k.
+
+    Args:
+        schedule: the first plan's schedule (`AfterMeasuring`).
+        knots: (at_step, virtual_step, total_steps) per re-plan, in order.
+        horizon: the first plan's total steps.
+    """
+
+    def __init__(self, schedule, knots, horizon: int):
+        self.schedule = schedule
+        self.knots = [(int(s), float(v), int(t)) for s, v, t in knots]
+        self.horizon = int(horizon)
+
+    def __call__(self, step):
+        x = tf.cast(step, tf.float64)
+        v = x
+        for at, virtual, total in self.knots:
+            span = float(max(total - at, 0))
+            stretched = (tf.constant(float(self.horizon), tf.float64) if span == 0 else
+                         virtual + (self.horizon - virtual) * (x - at) / span)
+            v = tf.where(x >= at, stretched, v)
+        return self.schedule(tf.cast(tf.round(v), tf.int64))
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule), "knots": self.knots,
+                "horizon": self.horizon}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.optimizers.schedules.deserialize(config["schedule"])
+        return cls(**config)
+
+
+def make_budget_schedule(train: TrainConfig, plan, lr_scale: Optional[tf.Variable] = None, epoch: Optional[int] = None):
+    """The schedule of a budgeted run from its plan (`segtrain.engine.budget.BudgetPlan`) with the re-plans made
+    until the end of epoch `epoch` (None: all recorded)."""
     planned = make_schedule(train, plan.total_steps - plan.measured_steps, plan.steps_per_epoch, lr_scale)
-    return AfterMeasuring(plan.measuring_learning_rate, plan.measured_steps, planned)
+    course = AfterMeasuring(plan.measuring_learning_rate, plan.measured_steps, planned)
+    knots = plan.knots(epoch)
+    return Stretched(course, knots, plan.total_steps) if knots else course
 
 
 def measuring_schedule(train: TrainConfig) -> ScaledWarmup:
@@ -137,16 +185,61 @@ def set_schedule(optimizer, schedule) -> None:
     getattr(optimizer, "inner_optimizer", optimizer).learning_rate = schedule
 
 
-def make_optimizer(train: TrainConfig, schedule, policy: str) -> keras.optimizers.Optimizer:
+def _encoder_rate(base):
+    """`base` (Adam or AdamW) with the encoder's variables updated at the learning rate times a scale.
+
+    Adam's update (and AdamW's decay) is linear in the learning rate and its moments do not depend on it, so
+    scaling the rate a variable's update step receives is exactly a per-variable learning rate; the optimizer's
+    variables (what checkpoints hold) are those of `base`. (Scaling the gradients would not do: Adam's update
+    does not change with the gradient's scale.)
+    """
+
+    class EncoderRate(base):
+        encoder_keys: frozenset = frozenset()
+        encoder_lr_scale: float = 1.0
+
+        def scale_encoder(self, variables, scale: float) -> None:
+            """Update `variables` at the learning rate x `scale`."""
+            self.encoder_keys = frozenset(self._var_key(v) for v in variables)
+            self.encoder_lr_scale = float(scale)
+
+        def update_step(self, gradient, variable, learning_rate):
+            if self._var_key(variable) in self.encoder_keys:
+                learning_rate = learning_rate * self.encoder_lr_scale
+            return super().update_step(gradient, variable, learning_rate)
+
+        def _apply_weight_decay(self, variables):
+            ours = [v for v in variables if self._var_key(v) in self.encoder_keys]
+            if self.weight_decay is None or not ours:
+                return super()._apply_weight_decay(variables)
+            super()._apply_weight_decay([v for v in variables if self._var_key(v) not in self.encoder_keys])
+            decay = self.weight_decay  # a Python number, read when the step is traced
+            self.weight_decay = decay * self.encoder_lr_scale
+            try:
+                super()._apply_weight_decay(ours)
+            finally:
+                self.weight_decay = decay
+
+    EncoderRate.__name__ = EncoderRate.__qualname__ = f"{base.__name__}EncoderRate"
+    return EncoderRate
+
+
+def make_optimizer(train: TrainConfig, schedule, policy: str, encoder_variables=None) -> keras.optimizers.Optimizer:
     """Adam (AdamW with weight decay); wrapped for dynamic loss scaling under float16.
 
     Gradient clipping is done by `Trainer` (on the all-reduced gradient), not by the
-    optimizer: Keras clips each replica's share before the all-reduce.
+    optimizer: Keras clips each replica's share before the all-reduce. With `encoder_variables` (an encoder
+    U-Net's encoder) those are updated at the learning rate x train.encoder_lr_scale (`_encoder_rate`).
     """
+    scaled = encoder_variables is not None and train.encoder_lr_scale != 1.0
     if train.weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
+        kind = _encoder_rate(keras.optimizers.AdamW) if scaled else keras.optimizers.AdamW
+        optimizer = kind(learning_rate=schedule, weight_decay=train.weight_decay)
     else:
-        optimizer = keras.optimizers.Adam(learning_rate=schedule)
+        kind = _encoder_rate(keras.optimizers.Adam) if scaled else keras.optimizers.Adam
+        optimizer = kind(learning_rate=schedule)
+    if scaled:
+        optimizer.scale_encoder(encoder_variables, train.encoder_lr_scale)
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

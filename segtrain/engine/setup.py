@@ -40,6 +40,10 @@ class Engine:
     jit_compile: bool
     plan: Optional[object] = None
     """A budgeted run's `segtrain.engine.budget.BudgetPlan` (None before it is measured, and without a budget)."""
+    plan_epoch: Optional[int] = None
+    """The epoch end up to which the plan's re-plans are applied (None: all recorded)."""
+    freeze_until: int = 0
+    """With an encoder: the global step from which the encoder trains (0: from the start; `freeze_steps`)."""
 
     @property
     def replicas(self) -> int:
@@ -48,15 +52,38 @@ class Engine:
     @property
     def epochs(self) -> int:
         """Epochs of the run: the plan's with train.budget, else train.epochs."""
-        return self.plan.epochs if self.plan is not None else self.config.train.epochs
+        return self.plan.epochs_at(self.plan_epoch) if self.plan is not None else self.config.train.epochs
 
-    def apply_plan(self, plan) -> None:
-        """Train the rest of a budgeted run by its plan: the planned schedule (the train step is traced again),
-        and the loop's epochs of plan.steps_per_epoch steps ending at plan.total_steps."""
-        set_schedule(self.optimizer, make_budget_schedule(self.config.train, plan, self.checkpoint.lr_scale))
+    def apply_plan(self, plan, epoch: Optional[int] = None) -> None:
+        """Train the rest of a budgeted run by its plan with its re-plans until the end of epoch `epoch` (None: all):
+        the planned schedule (the train step is traced again), and the loop's epochs of plan.steps_per_epoch steps
+        ending at the planned end."""
+        set_schedule(self.optimizer, make_budget_schedule(self.config.train, plan, self.checkpoint.lr_scale, epoch))
         self.trainer.retrace()
-        self.loop.steps_per_epoch, self.loop.total_steps = plan.steps_per_epoch, plan.total_steps
-        self.plan = plan
+        self.loop.steps_per_epoch, self.loop.total_steps = plan.steps_per_epoch, plan.end_step(epoch)
+        self.plan, self.plan_epoch = plan, epoch
+        self.freeze_until = freeze_steps(self.config.train, plan.steps_per_epoch) if self.trainer.encoder else 0
+
+    def sync_encoder(self, global_step: int, measuring: bool = False) -> bool:
+        """Freeze the encoder before `freeze_until`, unfreeze it from there (the phase follows from the step, so a
+        resumed run continues in the right one). While a budgeted run measures its step time, an encoder to be
+        frozen is frozen, at an unfrozen step's cost. Returns True when this call unfroze it."""
+        train = self.config.train
+        if measuring:
+            frozen = bool(train.freeze_encoder_steps or train.freeze_encoder_epochs)
+        else:
+            frozen = global_step < self.freeze_until
+        was_frozen = self.trainer.encoder_frozen
+        self.trainer.set_encoder_frozen(frozen, full_cost=measuring)
+        return was_frozen and not frozen
+
+
+def freeze_steps(train, steps_per_epoch: int) -> int:
+    """The optimizer steps the encoder stays frozen: train.freeze_encoder_steps, or train.freeze_encoder_epochs
+    epochs of `steps_per_epoch` (a budgeted run's planned epochs), rounded."""
+    if train.freeze_encoder_steps is not None:
+        return int(train.freeze_encoder_steps)
+    return int(round(train.freeze_encoder_epochs * steps_per_epoch))
 
 
 def check_batch_split(batch_size: int, replicas: int) -> None:
@@ -77,7 +104,8 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
     from segtrain.decision import decision_cost_matrix
     from segtrain.data.pipeline import steps_per_epoch
     from segtrain.losses import build_loss
-    from segtrain.model import build_unet, output_channels
+    from segtrain.encoders.backbones import encoder_of
+    from segtrain.model import build_model, output_channels
 
     train, classes = config.train, config.data.classes
     check_batch_split(config.data.batch_size, strategy.num_replicas_in_sync)
@@ -88,11 +116,11 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
 
         plan = read_plan(run_dir, train.budget_seconds) if resume else None
         # before the plan: measuring steps in epoch 1 (at most train.steps_per_epoch of them)
-        steps, total = (plan.steps_per_epoch, plan.total_steps) if plan else (train.steps_per_epoch or 2**62, None)
+        steps, total = (plan.steps_per_epoch, plan.end_step()) if plan else (train.steps_per_epoch or 2**62, None)
     with strategy.scope():
-        model = build_unet(prepared.channels, output_channels(len(classes)), config.model.depth,
-                           config.model.base_filters, config.model.batch_norm, config.model.dropout,
-                           normalization=prepared.class_stats.get("normalization"))
+        model = build_model(config.model, prepared.channels, output_channels(len(classes)),
+                            normalization=prepared.class_stats.get("normalization"), load_weights=not resume)
+        encoder = encoder_of(model)
         if strategy.num_replicas_in_sync > 1:
             _synchronize_batch_norm(model)
         loss_fn = build_loss(config.loss, classes, prepared.class_weights)
@@ -101,7 +129,9 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
             schedule = make_schedule(train, steps * train.epochs, steps, lr_scale)
         else:
             schedule = make_budget_schedule(train, plan, lr_scale) if plan else measuring_schedule(train)
-        optimizer = make_optimizer(train, schedule, policy)
+        # built on every variable that ever trains (the encoder's too), so checkpoints hold the same state in
+        # either phase; the encoder is unfrozen here
+        optimizer = make_optimizer(train, schedule, policy, encoder.trainable_variables if encoder else None)
         optimizer.build(model.trainable_variables)
         checkpoint = TrainingState(model, optimizer, run_dir / "checkpoints", train.keep_checkpoints,
                                    writer=chief, lr_scale=lr_scale)
@@ -116,15 +146,20 @@ def build_engine(config: Config, prepared, strategy, policy: str, run_dir: Path,
     labeler = logits_labeler(config.predict.decision, config.predict.threshold, decision_cost_matrix(config))
     jit = resolve_jit_compile(train, strategy.num_replicas_in_sync)
     trainer = Trainer(strategy, model, loss_fn, optimizer, len(classes), grad_clip_norm=train.grad_clip_norm,
-                      labeler=labeler, jit_compile=jit)
+                      labeler=labeler, jit_compile=jit, encoder=encoder)
     plateau = PlateauState(train, checkpoint.lr_scale, checkpoint.plateau_wait) if train.schedule == "plateau" else None
-    return Engine(config, strategy, model, optimizer, trainer, checkpoint, plateau, loop, policy, chief, restored,
-                  resolve_steps_per_execution(train), jit, plan)
+    engine = Engine(config, strategy, model, optimizer, trainer, checkpoint, plateau, loop, policy, chief, restored,
+                    resolve_steps_per_execution(train), jit, plan)
+    if encoder is not None and (train.budget is None or plan is not None):
+        engine.freeze_until = freeze_steps(train, plan.steps_per_epoch if plan else steps)
+    if plan is not None and plan.replans and restored:  # the re-plans made until the restored epoch, not later
+        engine.apply_plan(plan, int(checkpoint.epoch.numpy()))
+    return engine
 
 
 def _synchronize_batch_norm(model) -> None:
     """BatchNorm statistics over the global batch (all replicas), as on one device; saved in the .keras config."""
-    for layer in model.layers:
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # an encoder's layers too
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
 

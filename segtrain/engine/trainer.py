@@ -52,8 +52,13 @@ class Trainer:
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, loss_fn, optimizer,
-                 num_classes: int, grad_clip_norm=None, labeler=None, jit_compile: bool = False):
+                 num_classes: int, grad_clip_norm=None, labeler=None, jit_compile: bool = False, encoder=None):
         self.labeler = labeler or labels_from_logits
+        self.encoder = encoder
+        """The nested encoder of an encoder U-Net (None: a plain U-Net), which `set_encoder_frozen` freezes."""
+        self.encoder_variables = list(encoder.trainable_variables) if encoder is not None else []
+        self.encoder_frozen = False
+        self.full_cost = False
         self.strategy = strategy
         self.model = model
         self.loss_fn = loss_fn
@@ -78,11 +83,35 @@ class Trainer:
     def retrace(self) -> None:
         """(Re)create the compiled train step; it is traced on its next call. A budgeted run calls this after
         replacing the optimizer's learning-rate schedule, which a traced step holds as constants."""
-        # XLA compiles the per-replica step (forward, loss, backward, update); the loop over steps around it
-        # reads the input iterator, which XLA cannot, so it stays an ordinary tf.function (as in Keras).
-        self._replica_step = tf.function(self._replica_train_step, jit_compile=True) if self.jit_compile \
-            else self._replica_train_step
-        self._train_steps = tf.function(self._distributed_train_steps)
+        self._compiled = {}
+        self._use_compiled()
+
+    def _use_compiled(self) -> None:
+        """The compiled step of the encoder's state (frozen or not), created on first use and then kept: the
+        encoder's state is read when the step is traced, so each state has its own."""
+        key = (self.encoder_frozen, self.full_cost)
+        if key not in self._compiled:
+            # XLA compiles the per-replica step (forward, loss, backward, update); the loop over steps around it
+            # reads the input iterator, which XLA cannot, so it stays an ordinary tf.function (as in Keras).
+            replica = tf.function(self._replica_train_step, jit_compile=True) if self.jit_compile \
+                else self._replica_train_step
+            self._compiled[key] = (replica, tf.function(self._distributed_train_steps))
+        self._replica_step, self._train_steps = self._compiled[key]
+
+    def set_encoder_frozen(self, frozen: bool, full_cost: bool = False) -> bool:
+        """Freeze (or unfreeze) the encoder: frozen, its layers are not trainable, so the step updates the decoder
+        alone and the encoder's BatchNorm layers run in inference mode (their statistics stay as they are).
+
+        `full_cost`: while frozen, the step still computes the encoder's weight gradients (and discards them),
+        so that it costs what an unfrozen step costs; a budgeted run measures its step time so. The update is the
+        frozen step's. Returns True when the state changed (a state's step is traced on its first call)."""
+        full_cost = bool(full_cost and frozen)
+        if self.encoder is None or (frozen, full_cost) == (self.encoder_frozen, self.full_cost):
+            return False
+        self.encoder.trainable = not frozen
+        self.encoder_frozen, self.full_cost = frozen, full_cost
+        self._use_compiled()
+        return True
 
     # ------------------------------------------------------------------ training
     def _clip(self, grads):
@@ -101,13 +130,19 @@ class Trainer:
 
     def _replica_train_step(self, images, masks):
         with tf.GradientTape() as tape:
+            costed = [v.value for v in self.encoder_variables] if self.full_cost else []
+            tape.watch(costed)  # not trainable while frozen, so not watched by default
             logits = self.model(images, training=True)
             loss = tf.cast(self.loss_fn(masks, tf.cast(logits, tf.float32)), tf.float32)
             scaled = loss
             if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
                 scaled = self.optimizer.scale_loss(loss)
         variables = self.model.trainable_variables
-        grads = tape.gradient(scaled, variables)
+        grads = tape.gradient(scaled, variables + costed)
+        if costed:  # computed (not pruned from the graph) but not applied
+            with tf.control_dependencies([g for g in grads[len(variables):] if g is not None]):
+                loss = tf.identity(loss)
+            grads = grads[: len(variables)]
         if self.grad_clip_norm:
             grads = self._clip(grads)
         self.optimizer.apply_gradients(zip(grads, variables))

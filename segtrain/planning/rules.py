@@ -415,14 +415,13 @@ def encoder(fp: Fingerprint, device_name: str, cached=None) -> Decision:
     ENCODER_PREFERENCE), else none with a note saying which file would enable it. `cached(name)`: whether a
     backbone's weights are there (default: the file in Keras's cache folder)."""
     from segtrain.encoders.catalog import BACKBONES
-    from segtrain.encoders.weights import keras_cache_dir
+    from segtrain.encoders.weights import imagenet_cached, keras_cache_dir
 
     if not natural_colour(fp):
         return Decision("none", f"{fp.channels}-channel {fp.sample_type} images, not colour photographs: the plain "
                                 "U-Net")
     folder = keras_cache_dir() / "models"
-    if cached is None:
-        cached = lambda name: (folder / BACKBONES[name].imagenet_file).is_file()  # noqa: E731
+    cached = cached or imagenet_cached
     order = ENCODER_PREFERENCE[device_name]
     for name in order:
         if cached(name):
