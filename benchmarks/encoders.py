@@ -107,7 +107,8 @@ def fit(raw: dict, budget: str, run_dir: Path) -> dict:
     start = time.perf_counter()
     metrics = dict(fit_run(config, [f"train.budget={budget}"], out=run_dir, overwrite=True, log=QUIET).metrics)
     metrics["train_minutes"] = (time.perf_counter() - start) / 60 - metrics.get("post_training_seconds", 0.0) / 60
-    metrics["planned_steps"] = json.loads((run_dir / "budget.json").read_text())["total_steps"]
+    plan = json.loads((run_dir / "budget.json").read_text())
+    metrics["planned_steps"] = plan["replans"][-1]["total_steps"] if plan.get("replans") else plan["total_steps"]
     return metrics
 
 
