@@ -7,16 +7,7 @@ from typing import Optional
 import keras
 from keras import layers
 
-from segtrain.input_scaling import scale_input
-
-
-def _conv_block(x, filters: int, batch_norm: bool, name: str):
-    for i in (1, 2):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=f"{name}_conv{i}")(x)
-        if batch_norm:
-            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
-        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
-    return x
+from segtrain.unet_blocks import conv_block, scale_input
 
 
 def build_unet(in_channels: int, out_channels: int, depth: int = 4, base_filters: int = 16,
@@ -31,7 +22,7 @@ def build_unet(in_channels: int, out_channels: int, depth: int = 4, base_filters
         batch_norm: batch normalisation after each convolution.
         dropout: dropout rate at the bottleneck.
         normalization: None (or method "fixed"): 0..255 is mapped to [-1, 1]; the "normalization" entry of
-            class_stats.json (method "dataset"): per-channel robust statistics built in (`segtrain.input_scaling.scale_input`).
+            class_stats.json (method "dataset"): per-channel robust statistics built in (`segtrain.unet_blocks.scale_input`).
 
     The last layer computes in float32 so that logits stay float32 under mixed precision.
     """
@@ -39,17 +30,17 @@ def build_unet(in_channels: int, out_channels: int, depth: int = 4, base_filters
     x = scale_input(inputs, in_channels, normalization)
     skips = []
     for level in range(depth):
-        x = _conv_block(x, base_filters * 2**level, batch_norm, f"down{level}")
+        x = conv_block(x, base_filters * 2**level, batch_norm, f"down{level}")
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
-    x = _conv_block(x, base_filters * 2**depth, batch_norm, "bottom")
+    x = conv_block(x, base_filters * 2**depth, batch_norm, "bottom")
     if dropout > 0:
         x = layers.Dropout(dropout, name="bottom_dropout")(x)
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
         x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"up{level}_transpose")(x)
         x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
-        x = _conv_block(x, filters, batch_norm, f"up{level}")
+        x = conv_block(x, filters, batch_norm, f"up{level}")
     logits = layers.Conv2D(out_channels, 1, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=f"unet_d{depth}_f{base_filters}")
 

@@ -12,7 +12,7 @@ from keras import layers
 from segtrain.encoders.backbones import build_encoder
 from segtrain.encoders.catalog import CAFFE_MEAN_BGR, DEFAULT_DECODER_FILTERS, IMAGENET_MEAN, IMAGENET_STD, backbone
 from segtrain.encoders.weights import load_encoder_weights
-from segtrain.input_scaling import scale_input
+from segtrain.unet_blocks import conv_block, scale_input
 
 
 def pixel_statistics(channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,15 +56,6 @@ def _to_pixels(x, channels: int, normalization: dict):
     return layers.Rescaling(std.tolist(), offset=mean.tolist(), dtype="float32", name="to_pixels")(z)
 
 
-def _decoder_block(x, filters: int, batch_norm: bool, name: str):
-    for i in (1, 2):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=f"{name}_conv{i}")(x)
-        if batch_norm:
-            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
-        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
-    return x
-
-
 def build_encoder_unet(encoder: str, in_channels: int, out_channels: int,
                        decoder_filters: Optional[Sequence[int]] = None, batch_norm: bool = True,
                        dropout: float = 0.0, normalization: Optional[dict] = None,
@@ -103,6 +94,6 @@ def build_encoder_unet(encoder: str, in_channels: int, out_channels: int,
         x = layers.Conv2DTranspose(filters[level], 2, strides=2, padding="same", name=f"decoder{level}_up")(x)
         if stride in by_stride:
             x = layers.Concatenate(name=f"decoder{level}_concat")([x, by_stride[stride]])
-        x = _decoder_block(x, filters[level], batch_norm, f"decoder{level}")
+        x = conv_block(x, filters[level], batch_norm, f"decoder{level}")
     logits = layers.Conv2D(out_channels, 1, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=f"unet_{encoder}")

@@ -1,4 +1,5 @@
-"""The first layers of every segtrain model: raw pixels (0..255) to the network's scale, with Keras layers only."""
+"""The pieces every segtrain U-Net is built from, Keras layers only: the input scaling (raw 0..255 pixels to the
+network's scale) and the two-convolution block."""
 
 from __future__ import annotations
 
@@ -21,3 +22,13 @@ def scale_input(inputs, in_channels: int, normalization: Optional[dict]):
     x = layers.Rescaling(scale, offset=offset, name="normalize_range")(inputs)
     x = layers.ReLU(max_value=1.0, name="normalize_clip")(x)
     return layers.Normalization(axis=-1, mean=mean, variance=variance, name="normalize")(x)
+
+
+def conv_block(x, filters: int, batch_norm: bool, name: str):
+    """Two 3x3 convolutions, each with BatchNorm (momentum 0.9) and ReLU: a U-Net level (encoder or decoder)."""
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=f"{name}_conv{i}")(x)
+        if batch_norm:
+            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+    return x
