@@ -144,7 +144,8 @@ class ModelConfig:
     """none: the plain U-Net above; else a `keras.applications` backbone as the U-Net's encoder, one of
     `segtrain.encoders.catalog.ENCODER_NAMES` (skips at strides 2..32; depth and base_filters are then unused)."""
     encoder_weights: str = "imagenet"
-    """With an encoder: imagenet (Keras's own download cache), a local weights file (PATH), or none (random)."""
+    """With an encoder: imagenet (Keras's own download cache), a local weights file (PATH; relative: from the config
+    file's folder if it exists there, else the working directory), or none (random)."""
     decoder_filters: Optional[list[int]] = None
     """With an encoder: the decoder's widths from the deepest level up (5 levels); null: [256, 128, 64, 32, 16]."""
 
@@ -378,6 +379,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         apply_override(raw, item)
     config = config_from_dict(raw)
     config.data.root = resolve_data_root(config.data.root, path)
+    weights = config.model.encoder_weights
+    if weights not in ("imagenet", "none") and not Path(weights).is_absolute() and (path.parent / weights).exists():
+        config.model.encoder_weights = str((path.parent / weights).resolve())  # like data.root: the config's folder
     return config
 
 

@@ -429,3 +429,17 @@ def test_tracking_shorthand_combines_with_its_keys_in_any_order(tmp_path, sets):
     assert (config.tracking.backend, config.tracking.uri, config.tracking.experiment) == ("mlflow", "sqlite:///m.db", "x")
     path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path)}, "tracking": "mlflow"}))
     assert load_config(path, ["tracking.uri=u"]).tracking.uri == "u"  # the shorthand in the file, a key by --set
+
+
+def test_a_relative_encoder_weights_path_is_read_from_the_configs_folder(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "w.weights.h5").write_bytes(b"x")
+    path = tmp_path / "configs" / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path), "crop": 64},
+                                    "model": {"encoder": "mobilenetv3small", "encoder_weights": "w.weights.h5"}}))
+    monkeypatch.chdir(tmp_path)  # not where the file is
+    assert load_config(path).model.encoder_weights == str(tmp_path / "configs" / "w.weights.h5")
+    for kept in ("imagenet", "none", "elsewhere.h5"):  # names, and a path not beside the config, stay as given
+        path.write_text(yaml.safe_dump({"data": {"root": str(tmp_path), "crop": 64},
+                                        "model": {"encoder": "mobilenetv3small", "encoder_weights": kept}}))
+        assert load_config(path).model.encoder_weights == kept
