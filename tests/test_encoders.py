@@ -198,6 +198,13 @@ def test_every_encoder_gives_logits_of_the_input_size_on_odd_sizes(name):
     features = encoder_of(model)(padded[None])
     strides = [s for s, skip in zip((2, 4, 8, 16, 32), BACKBONES[name].skips) if skip]
     assert [(f.shape[1], f.shape[2]) for f in features] == [(64 // s, 96 // s) for s in strides]
+    # every BatchNorm (the backbone's, 0.99 / 0.999 in keras.applications, and the decoder's) follows its batches
+    # at 0.9, or a short run's inference-mode statistics lag far behind (backbones.BATCH_NORM_MOMENTUM)
+    norms = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    in_backbone = [layer for layer in norms if layer in encoder_of(model).layers]
+    assert (len(in_backbone) > 0) == (name != "convnexttiny")  # ConvNeXt normalises with LayerNorm
+    assert all(layer.momentum == 0.9 for layer in norms) and all(layer.get_config()["momentum"] == 0.9 for layer in norms)
 
 
 def test_dataset_normalization_reaches_the_backbone_as_the_data_sets_own_z_scores(tmp_path):
