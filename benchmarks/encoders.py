@@ -169,7 +169,7 @@ def main() -> None:
             pretrain_root = write_dataset(out / "tiny_a", 4, 2, 64)
             target_root = write_dataset(out / "tiny_b", 4, 2, 64, seed=1)
             encoders, encoder, repeats, steps = ["mobilenetv3small"], "mobilenetv3small", 1, 1
-            pretrain_budget = budget = "5s"
+            pretrain_budget = budget = "2s"
             speed_sizes = {"crop": 32, "batch": 2}
         else:
             pretrain_root, target_root = SHARED_DATASETS / "camvid", SHARED_DATASETS / "epfl_roads"

@@ -41,7 +41,7 @@ def test_every_benchmark_script_is_covered():
     covered = {"fit_throughput.py", "pipeline_throughput.py", "memory.py", "gpu_mixed_precision.py", "quality.py",
                "cost_tradeoff.py", "plain_keras_baseline.py", "predict_throughput.py", "step_overhead.py",
                "data_variants.py", "prior_correction.py", "operating_point.py", "eval_speed.py", "plan_memory.py",
-               "plan_vs_hand.py"}
+               "plan_vs_hand.py", "encoders.py"}
     assert scripts <= covered, f"benchmarks without a smoke test: {sorted(scripts - covered)}"
 
 

@@ -297,6 +297,7 @@ def test_under_a_budget_the_frozen_phase_counts_epochs_of_the_plan(tmp_path, mon
 
     counter = itertools.count()
     monkeypatch.setattr(budget, "clock", lambda: float(next(counter)))
+    monkeypatch.setattr(budget, "REPLAN_SHARE", float("inf"))  # the fake clock prices each epoch at a second
     root = make_stripes_dataset(tmp_path / "data", n_train=8, n_val=3)
     config = write_config(
         tmp_path / "c.yaml", root, model={"encoder": SMALL, "encoder_weights": "none", "decoder_filters": NARROW},
