@@ -5,7 +5,7 @@ From Python: `segtrain.fit(config, overrides=..., out=...)`, `segtrain.load(run_
 `Prediction`s), `segtrain.evaluate(run, split=...)` (see `segtrain.api`). They load TensorFlow on first use.
 """
 
-__version__ = "0.1.0"
+from segtrain.version import __version__
 
 _API = ("fit", "load", "evaluate", "Prediction", "FitResult", "Segmenter", "ExportedSegmenter")
 

@@ -384,7 +384,7 @@ def _warnings(metrics: dict) -> str:
 
 def _result_pictures(folder: Path, metrics: dict) -> str:
     """Class IoU bars, confusion matrix, PR curve, reliability diagram of one metrics.json and its folder."""
-    from segtrain import reports
+    import segtrain.reports as reports
 
     classes = [str(c) for c in metrics.get("classes") or list(metrics.get("per_class") or {})]
     parts = [_folder_picture(folder, "class_iou.png", "Per-class IoU",
@@ -434,7 +434,7 @@ def _results_section(record: RunRecord) -> str:
 
 
 def _training_section(record: RunRecord) -> str:
-    from segtrain import reports
+    import segtrain.reports as reports
 
     if not record.history:
         return note("history.csv is not in the run folder: no training curves.")
@@ -584,7 +584,7 @@ def _files_section(record: RunRecord) -> str:
 
 def render_report(record: RunRecord) -> str:
     """The report page of a run's records."""
-    from segtrain import __version__
+    from segtrain.version import __version__
 
     metrics = record.metrics
     headline = f"mean IoU {fmt(metrics.get('mean_iou'))} on {metrics.get('split', 'val')}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from segtrain.atomic import atomic_path
+from segtrain.cluster import is_non_chief_process
 from segtrain.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # Keras (TensorFlow) loads only where a model is read or written, not to check a path
@@ -79,8 +80,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _non_chief_worker() -> bool:
     """A non-chief worker of a multi-worker run (TF_CONFIG) never writes the run folder, so it need not be new."""
-    from segtrain.engine.devices import is_non_chief_process
-
     return is_non_chief_process()
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 import click
 import numpy as np
 
-from segtrain import tracking
+import segtrain.tracking as tracking
 from segtrain.atomic import write_json
 from segtrain.config import Config, save_config
 from segtrain.data.discovery import Pair, find_pairs

@@ -1,4 +1,4 @@
-"""segtrain/engine/devices.py: chief selection and the mixed-precision policy (a run trained, saved and
+"""segtrain/engine/devices.py: the mixed-precision policy (a run trained, saved and
 reloaded under each). tf.distribute strategies run end to end in test_engine_distribute.py."""
 
 import json
@@ -9,27 +9,6 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import history, invoke, make_stripes_dataset, write_config
-
-
-# ---------------------------------------------------------------------------- chief selection
-
-
-@pytest.mark.parametrize(
-    "cluster, task, chief",
-    [
-        ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 0}, True),
-        ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 1}, False),
-        ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "chief", "index": 0}, True),
-        ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "worker", "index": 0}, False),  # the chief task writes
-    ],
-)
-def test_only_the_chief_writes(monkeypatch, cluster, task, chief):
-    from segtrain.engine.devices import _is_chief_task, is_non_chief_process
-
-    assert _is_chief_task(cluster, task["type"], task["index"]) is chief
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
-    assert is_non_chief_process() is (not chief)
-
 
 
 # ---------------------------------------------------------------------------- mixed precision

@@ -14,13 +14,14 @@ from tests.helpers import history, invoke, make_stripes_dataset, write_config
 
 def _one_sgd_step(clip, loss_scale=False):
     from segtrain.engine.trainer import Trainer
+    from segtrain.config import loss_config
     from segtrain.losses import build_loss
     from segtrain.model import build_unet
 
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.get_strategy()
     model = build_unet(3, 1, depth=1, base_filters=2, batch_norm=False)
-    loss = build_loss({"terms": [{"name": "cross_entropy"}]}, ["a", "b"])
+    loss = build_loss(loss_config({"terms": [{"name": "cross_entropy"}]}, ["a", "b"]), ["a", "b"])
     optimizer = keras.optimizers.SGD(learning_rate=1.0)
     if loss_scale:  # as under mixed_float16: gradients arrive multiplied by the dynamic scale (2**15)
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

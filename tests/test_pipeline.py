@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from segtrain.config import AugmentConfig, DataConfig, MaskConfig
+from segtrain.config import AugmentConfig, DataConfig, MaskConfig, loss_config
 from segtrain.data.discovery import find_pairs
 from segtrain.data.masks import MaskMapping
 from segtrain.data.pipeline import DataSpec, augment, evaluation_dataset, steps_per_epoch, training_dataset
@@ -144,7 +144,7 @@ def test_padding_of_whole_image_batches_does_not_change_the_loss(tmp_path):
     assert valid.sum() == sum(h * w for h, w in WHOLE_SIZES.values())
 
     # cross-entropy: the mean over the valid pixels, computed here with numpy
-    cross_entropy = build_loss({"terms": [{"name": "cross_entropy"}]}, ["bg", "stripe"])
+    cross_entropy = build_loss(loss_config({"terms": [{"name": "cross_entropy"}]}, ["bg", "stripe"]), ["bg", "stripe"])
     z, y = logits[..., 0][valid].astype(np.float64), labels[valid]
     log_sigmoid = -np.logaddexp(0, -z)
     log_one_minus = -np.logaddexp(0, z)
@@ -152,7 +152,8 @@ def test_padding_of_whole_image_batches_does_not_change_the_loss(tmp_path):
     assert float(cross_entropy(masks, logits)) == pytest.approx(expected, rel=1e-5)
 
     # the configured sum with a pooled overlap term: the same as over the valid pixels alone, unpadded
-    combined = build_loss({"terms": [{"name": "cross_entropy"}, {"name": "jaccard", "weight": 0.5}]}, ["bg", "stripe"])
+    combined = build_loss(loss_config({"terms": [{"name": "cross_entropy"}, {"name": "jaccard", "weight": 0.5}]},
+                                     ["bg", "stripe"]), ["bg", "stripe"])
     only_valid = float(combined(tf.constant(y[None, None, :].astype(np.int32)),
                                 tf.constant(logits[valid][None, None, :, :])))
     assert float(combined(masks, logits)) == pytest.approx(only_valid, rel=1e-5)

@@ -80,20 +80,3 @@ class PixelSampler:
 
     def statistics(self) -> dict:
         return normalization_stats(np.concatenate(self.samples, axis=0))
-
-
-def model_normalization(stats: dict) -> tuple[list, list, list, list]:
-    """(scale, offset, mean, variance) per channel for the model's layers (`segtrain.model.build_unet`):
-    x * scale + offset maps [low, high] to [0, 1]; mean and variance standardise that [0, 1] scale.
-
-    A channel with high == low (one value) is scaled by 0, so every pixel becomes 0; a std of 0 (below 1e-8 of the
-    span) gets variance 1, so no division by zero."""
-    low, high, mean, std = (np.asarray(stats[key], dtype=np.float64) for key in ("low", "high", "mean", "std"))
-    flat = ~(high > low)
-    span = np.where(flat, 1.0, high - low)
-    scale = np.where(flat, 0.0, 1.0 / span)
-    offset = np.where(flat, 0.0, -low / span)
-    m = np.where(flat, 0.0, (mean - low) / span)
-    s = std / span
-    variance = np.where(s > 1e-8, s * s, 1.0)
-    return scale.tolist(), offset.tolist(), m.tolist(), variance.tolist()

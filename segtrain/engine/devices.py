@@ -8,14 +8,13 @@ the process starts; segtrain applies it at the start of `fit`.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
-from typing import Optional
 
 import keras
 import tensorflow as tf
 
+from segtrain.cluster import is_chief_task, tf_config
 from segtrain.errors import ConfigError
 
 CPU_DEVICES_ENV = "SEGTRAIN_CPU_DEVICES"
@@ -47,29 +46,6 @@ def configure_cpu_devices() -> int:
     return count
 
 
-def _tf_config() -> Optional[dict]:
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise ConfigError("TF_CONFIG: not valid JSON; see the README's multi-machine section.") from None
-    if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict):
-        raise ConfigError('TF_CONFIG: expected {"cluster": {...}, "task": {"type": ..., "index": ...}}.')
-    task = value.get("task", {})
-    if isinstance(task, dict) and "type" in task:
-        members = value["cluster"].get(task["type"])
-        index = task.get("index", 0)
-        if not isinstance(members, list) or not isinstance(index, int) or not 0 <= index < len(members):
-            raise ConfigError(
-                f"TF_CONFIG: task {task.get('type')!r} index {index!r} is not in the cluster "
-                f"({', '.join(f'{k}: {len(v)}' for k, v in value['cluster'].items() if isinstance(v, list))}); "
-                "give each process its own index from 0."
-            )
-    return value
-
-
 def make_strategy(distribute: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy for `train.distribute`; create it before any other TensorFlow work.
 
@@ -81,7 +57,7 @@ def make_strategy(distribute: str) -> tf.distribute.Strategy:
     devices), or TensorFlow's default strategy on the CPU.
     """
     if distribute == "multi_worker":
-        if _tf_config() is None:
+        if tf_config() is None:
             raise ConfigError(
                 "train.distribute: multi_worker needs the cluster in the TF_CONFIG environment variable "
                 '(e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}).'
@@ -118,30 +94,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
     resolver = strategy.cluster_resolver
-    return _is_chief_task(resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id)
-
-
-def _is_chief_task(cluster: dict, task_type: Optional[str], task_id: Optional[int]) -> bool:
-    if task_type is None:
-        return True
-    if "chief" in cluster:
-        return task_type == "chief"
-    return task_type == "worker" and int(task_id or 0) == 0
-
-
-def is_non_chief_process() -> bool:
-    """True when TF_CONFIG names this process as a task other than the chief (it must not write the run folder).
-
-    Read from the environment only (no TensorFlow work), so the CLI can decide before training starts.
-    """
-    try:
-        config = _tf_config()
-    except ConfigError:
-        return False
-    if config is None or not isinstance(config.get("task"), dict):
-        return False
-    task = config["task"]
-    return not _is_chief_task(config["cluster"], task.get("type"), task.get("index"))
+    return is_chief_task(resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ class EpochFiles:
     def __init__(self, run_dir: Path, chief: bool, engine=None, data=None):
         """`engine` and `data` (the run's Engine and RunData) are given for a run's own epochs, None for the
         budget's timing of an epoch end in a scratch folder (then no pictures and no tracking)."""
-        from segtrain import tracking
+        import segtrain.tracking as tracking
 
         self.run_dir = run_dir
         self.chief = chief

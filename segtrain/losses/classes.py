@@ -302,7 +302,7 @@ def build_loss(loss, class_names, class_weights=None):
     """The Keras loss of a config's `loss` section.
 
     Args:
-        loss: a `segtrain.config.LossConfig`, or a raw section (validated here, see `segtrain.config.loss_config`).
+        loss: a `segtrain.config.LossConfig` (a raw YAML section: validate it with `segtrain.config.loss_config`).
         class_names: the K class names.
         class_weights: resolved K weights (see `segtrain.class_weights`) or None; given to
             every term with `use_class_weights: true`.
@@ -310,10 +310,7 @@ def build_loss(loss, class_names, class_weights=None):
     Returns:
         The term's loss when there is one term of weight 1, else a `CombinedLoss`.
     """
-    from segtrain.config import loss_config
-
     class_names = list(class_names)
-    loss = loss_config(loss, class_names)
     if class_weights is not None:
         class_weights = np.asarray(class_weights, float).ravel()
         if class_weights.shape != (len(class_names),):
