@@ -350,7 +350,12 @@ class Config:
         return len(self.data.classes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as plain data (the run's config.yaml). Under `train.budget` without `train.epochs` (the budget
+        plans the epochs, budget.json records them): an unused default of 20 epochs would mislead."""
+        tree = dataclasses.asdict(self)
+        if self.train.budget is not None:
+            del tree["train"]["epochs"]
+        return tree
 
 
 # ---------------------------------------------------------------------------- loading

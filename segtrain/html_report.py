@@ -218,6 +218,19 @@ def seconds_text(seconds: Optional[float]) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def _tuned_text(tuned: dict, classes: Sequence[str]) -> str:
+    """The tuned point as `segtrain tune` printed it (chosen setting, held-out estimate, before and after); a
+    record of an older segtrain that lacks those keys, as its settings."""
+    from segtrain.policy.tuning import format_tuning
+
+    try:
+        return f"<pre>{esc(format_tuning(tuned, classes))}</pre>"
+    except (KeyError, TypeError, ValueError, IndexError):
+        pairs = [(key.replace("_", " ").capitalize(), json.dumps(value) if isinstance(value, (dict, list)) else value)
+                 for key, value in tuned.items() if key not in ("holdout",) and value is not None]
+        return facts(pairs)
+
+
 def decision_text(decision: Optional[dict], classes: Sequence[str]) -> str:
     """The decision policy of metrics.json `decision` in words, as eval prints it ('argmax, temperature 0.3076')."""
     if not decision:
@@ -513,11 +526,10 @@ def _policy_section(record: RunRecord) -> str:
             ("ECE", f"{fmt(calibration.get('ece_before'))} before, {fmt(calibration.get('ece_after'))} after")]))
     tuned = stored.get("tuned")
     if tuned:
-        pairs = [(key.replace("_", " ").capitalize(), json.dumps(value) if isinstance(value, (dict, list)) else value)
-                 for key, value in tuned.items() if key not in ("holdout",) and value is not None]
         parts.append("<h3>Tuned operating point (policy.json)</h3>" + note(
             "Chosen by `segtrain tune` after fit's evaluation: eval, predict and export apply it while the settings it "
-            "was tuned under hold (the figures above are fit's, before it; `segtrain eval` scores it).") + facts(pairs))
+            "was tuned under hold (the figures above are fit's, before it; `segtrain eval` scores it).")
+            + _tuned_text(tuned, record.classes))
     else:
         parts.append(note(f"No tuned operating point: `segtrain tune {record.path}` chooses one on a labelled "
                           "split."))

@@ -54,6 +54,14 @@ def test_the_config_stores_one_spelling_and_null_keeps_epochs():
     assert budget_of(None).budget is None and budget_of(None).budget_seconds is None
 
 
+def test_a_budgeted_configs_saved_form_leaves_out_the_unused_epochs():
+    budgeted = config_from_dict({"data": {"root": "x"}, "train": {"budget": "2m", "epochs": 7}})
+    assert "epochs" not in budgeted.to_dict()["train"] and budgeted.to_dict()["train"]["budget"] == "2m"
+    assert config_from_dict(budgeted.to_dict()).to_dict() == budgeted.to_dict()  # reloads to the same saved form
+    plain = config_from_dict({"data": {"root": "x"}, "train": {"epochs": 7}})
+    assert plain.to_dict()["train"]["epochs"] == 7
+
+
 def test_fit_budget_option_is_checked_as_train_budget(tmp_path, stripes):
     config = write_config(tmp_path / "c.yaml", stripes)
     result = invoke("fit", config, "--out", tmp_path / "run", "--budget", "soon")

@@ -127,6 +127,25 @@ def test_unreadable_files_are_named_and_shown_as_missing(tmp_path):
     assert "Unreadable, shown as missing: run/policy.json: not valid JSON" in text
 
 
+def test_a_tuned_point_is_shown_in_words_as_tune_printed_it(tmp_path):
+    run = fake_run(tmp_path / "run")
+    stored = json.loads((run / "policy.json").read_text())
+    scores = {"objective": 0.61, "mean_iou": 0.7, "pixel_accuracy": 0.9, "mean_cost": 0.1, "precision": 0.5,
+              "recall": 0.8, "f1": 0.61, "iou": 0.44}
+    stored["tuned"] = {
+        "split": "val", "objective": "f1", "images": 6, "pixels": 2400, "level": "threshold", "threshold": 0.42,
+        "estimate": {"folds": 3, "before": 0.5512, "levels": {"threshold": 0.6034}}, "cost_matrix": None,
+        "searched": {"levels": ["threshold"], "tau": None, "bias": None, "sizes": None},
+        "before": {**scores, "objective": 0.55, "f1": 0.55}, "after": {**scores, "classes_never_predicted": []}}
+    (run / "policy.json").write_text(json.dumps(stored))
+    assert invoke("report", run).exit_code == 0
+    _, text = read_page((run / REPORT_FILE).read_text())
+    section = text[text.index("Tuned operating point"):]
+    assert "Tuned on val (6 images, 2400 labelled pixels) for f1: threshold 0.420 on q" in section
+    assert "Held-out estimate (3-fold over images, f1): untuned 0.5512; threshold 0.6034" in section
+    assert '"folds"' not in section and "{" not in section.split("Data", 1)[0]  # words, not JSON
+
+
 @pytest.mark.parametrize("case", ["no folder", "not a run", "not finished", "a file", "bad metrics", "out folder"])
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, case):
     run = fake_run(tmp_path / "run")

@@ -428,7 +428,7 @@ def run(tmp_path_factory):
     config = write_config(base / "tiny.yaml", root)
     result = invoke("fit", config, "--out", base / "run")
     assert result.exit_code == 0, result.output
-    assert "Calibration on val" in result.output
+    assert "Calibration fitted on val" in result.output
     return base / "run", root, result.output
 
 

@@ -76,7 +76,8 @@ def calibration_line(record: dict) -> str:
     """One line: the temperature, NLL and ECE before and after, and any warning."""
     t = record["temperature"]
     shown = f"{t:.4f}" if np.ndim(t) == 0 else "per class " + ", ".join(f"{v:.3g}" for v in t)
-    line = (f"Calibration on {record['split']} ({record['pixels']} pixels, {record['images']} images): T = {shown}; "
+    line = (f"Calibration fitted on {record['split']} ({record['pixels']} pixels of {record['images']} images): "
+            f"T = {shown}; "
             f"NLL {record['nll_before']:.4f} -> {record['nll_after']:.4f}, ECE {record['ece_before']:.4f} -> "
             f"{record['ece_after']:.4f}")
     heldout = record.get("heldout") or {}
