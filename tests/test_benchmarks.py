@@ -58,8 +58,3 @@ def test_gpu_benchmark_code_path_runs_on_the_cpu_when_allowed():
     lines = run_script("gpu_mixed_precision.py", "--tiny", "--allow-cpu")
     final_ratio(lines)
     assert any(line.startswith("pipeline efficiency") for line in lines)
-
-
-def test_predict_throughput_tiny_prints_a_final_ratio():
-    final_ratio(run_script("predict_throughput.py", "--tiny"))
-
