@@ -99,16 +99,21 @@ def speed(root: Path, encoders: list[str], work: Path, repeats: int, steps: int,
 # ---------------------------------------------------------------------------- (b) the mechanism
 
 
-def fit(raw: dict, budget: str, run_dir: Path) -> dict:
-    """fit a config dict with train.budget; its metrics plus the minutes of training and the planned steps."""
+def fit(raw: dict, budget: str | None, run_dir: Path) -> dict:
+    """fit a config dict with train.budget (None: its own epochs, the smoke run); its metrics plus the minutes of
+    training and the steps (planned under a budget)."""
     from segtrain.api import fit as fit_run
 
     config = write_config(raw, run_dir.parent / f"{run_dir.name}.yaml")
     start = time.perf_counter()
-    metrics = dict(fit_run(config, [f"train.budget={budget}"], out=run_dir, overwrite=True, log=QUIET).metrics)
+    overrides = [f"train.budget={budget}"] if budget else []
+    metrics = dict(fit_run(config, overrides, out=run_dir, overwrite=True, log=QUIET).metrics)
     metrics["train_minutes"] = (time.perf_counter() - start) / 60 - metrics.get("post_training_seconds", 0.0) / 60
-    plan = json.loads((run_dir / "budget.json").read_text())
-    metrics["planned_steps"] = plan["replans"][-1]["total_steps"] if plan.get("replans") else plan["total_steps"]
+    if budget:
+        plan = json.loads((run_dir / "budget.json").read_text())
+        metrics["planned_steps"] = plan["replans"][-1]["total_steps"] if plan.get("replans") else plan["total_steps"]
+    else:
+        metrics["planned_steps"] = int((run_dir / "history.csv").read_text().splitlines()[-1].split(",")[1])
     return metrics
 
 
@@ -119,21 +124,25 @@ def mechanism(pretrain_root: Path, target_root: Path, encoder: str, pretrain_bud
     pretrain_name, target_name = ("roads", "roads") if tiny else ("camvid", "epfl_roads")
     model = {"encoder": encoder, "encoder_weights": "none"}
     small = {"crop": 32, "batch_size": 2} if tiny else {}
+    short = {"epochs": 2, "steps_per_epoch": 1} if tiny else {}  # the smoke run: two one-step epochs, no budget
     if tiny:
         model["decoder_filters"] = [16, 8, 8, 8, 8]
     pretrained, source = work / "pretrain", f"pretrained on {pretrain_root.name}"
-    print(f"pretraining {encoder} on {pretrain_root.name} for {pretrain_budget} [{load_average()}]", flush=True)
-    pre = fit(config_dict(pretrain_name, pretrain_root, model=model, data=small), pretrain_budget, pretrained)
+    print(f"pretraining {encoder} on {pretrain_root.name} for {pretrain_budget or 'two one-step epochs'} "
+          f"[{load_average()}]", flush=True)
+    pre = fit(config_dict(pretrain_name, pretrain_root, model=model, data=small, train=short), pretrain_budget,
+              pretrained)
     print(f"pretrained: val mean IoU {fmt(pre['mean_iou'])} in {pre['train_minutes']:.1f} min", flush=True)
     weights = {**model, "encoder_weights": str(pretrained)}
     variants = [
-        ("unet (today's)", "-", "-", config_dict(target_name, target_root, data=small)),
+        ("unet (today's)", "-", "-", config_dict(target_name, target_root, data=small, train=short)),
         (f"unet_{encoder}", "none (random)", "no", config_dict(target_name, target_root, model=model, data=small,
-                                                              train={"encoder_lr_scale": 1.0})),
-        (f"unet_{encoder}", source, "no", config_dict(target_name, target_root, model=weights, data=small)),
+                                                              train={**short, "encoder_lr_scale": 1.0})),
+        (f"unet_{encoder}", source, "no", config_dict(target_name, target_root, model=weights, data=small,
+                                                      train=short)),
         (f"unet_{encoder}", source, f"{freeze_epochs:g} epochs",
          config_dict(target_name, target_root, model=weights, data=small,
-                     train={"freeze_encoder_epochs": freeze_epochs})),
+                     train={**short, "freeze_encoder_epochs": freeze_epochs})),
     ]
     lines = ["| model | encoder weights | frozen phase | training minutes | steps | mean IoU | road IoU |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -169,7 +178,7 @@ def main() -> None:
             pretrain_root = write_dataset(out / "tiny_a", 4, 2, 64)
             target_root = write_dataset(out / "tiny_b", 4, 2, 64, seed=1)
             encoders, encoder, repeats, steps = ["mobilenetv3small"], "mobilenetv3small", 1, 1
-            pretrain_budget = budget = "2s"
+            pretrain_budget = budget = None
             speed_sizes = {"crop": 32, "batch": 2}
         else:
             pretrain_root, target_root = SHARED_DATASETS / "camvid", SHARED_DATASETS / "epfl_roads"
@@ -185,8 +194,9 @@ def main() -> None:
             lines = mechanism(pretrain_root, target_root, encoder, pretrain_budget, budget, args.freeze_epochs, out,
                               tiny=args.tiny)
             print()
-            print(f"fine-tuning on {target_root.name}: {budget} per run (train.budget), the encoder pretrained on "
-                  f"{pretrain_root.name} for {pretrain_budget}; val split, whole images, the policy fit leaves")
+            per_run = f"{budget} per run (train.budget)" if budget else "two one-step epochs per run (the smoke run)"
+            print(f"fine-tuning on {target_root.name}: {per_run}, the encoder pretrained on {pretrain_root.name} for "
+                  f"{pretrain_budget or 'two one-step epochs'}; val split, whole images, the policy fit leaves")
             print("\n".join(lines))
     finally:
         if tmp is not None:

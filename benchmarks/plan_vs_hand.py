@@ -108,7 +108,7 @@ def main() -> None:
     try:
         if args.tiny:
             sets = {"tiny": write_dataset(out / "tiny", 6, 4, 64)}
-            budget = "5s"
+            budget = "2s"
         else:
             sets = {name: SHARED_DATASETS / name for name in args.sets.split(",")}
             budget = args.budget

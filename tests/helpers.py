@@ -171,6 +171,31 @@ class Interruption:
         return self
 
 
+# ---------------------------------------------------------------------------- encoders
+
+
+MOBILENET_SKIPS = (
+    "conv_bn", "expanded_conv_project_bn", "expanded_conv_2_add", "expanded_conv_7_add", "expanded_conv_10_add")
+"""MobileNetV3Small's skip layers (segtrain/encoders/catalog.py), which the stand-in below names its own."""
+
+
+def tiny_mobilenet(include_top=False, weights=None, input_shape=None, include_preprocessing=True, name="tiny"):
+    """A stand-in for keras.applications.MobileNetV3Small with its skip layers' names (so the catalogue's entry
+    applies): five stride-2 convolutions, each with BatchNorm. What these tests check is the engine's, not the
+    backbone's; a real backbone's step takes seconds to trace (tests/test_encoders*.py build the real ones)."""
+    import keras
+
+    assert not include_top and weights is None
+    x = inputs = keras.Input(input_shape)
+    for level, skip in enumerate(MOBILENET_SKIPS):
+        x = keras.layers.Conv2D(4 * (level + 1), 3, strides=2, padding="same", use_bias=False,
+                                name="conv" if level == 0 else f"tiny_conv{level}")(x)
+        x = keras.layers.BatchNormalization(name=skip)(x)
+        if level < len(MOBILENET_SKIPS) - 1:
+            x = keras.layers.Activation("relu", name=f"tiny_relu{level}")(x)
+    return keras.Model(inputs, x, name=name)
+
+
 # ---------------------------------------------------------------------------- benchmark scripts
 
 

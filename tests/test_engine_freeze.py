@@ -10,28 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import history, invoke, make_stripes_dataset, weights_of, write_config
+from tests.helpers import history, invoke, make_stripes_dataset, tiny_mobilenet, weights_of, write_config
 
 SMALL = "mobilenetv3small"
 NARROW = [8, 8, 8, 8, 8]
-SKIPS = ("conv_bn", "expanded_conv_project_bn", "expanded_conv_2_add", "expanded_conv_7_add", "expanded_conv_10_add")
-
-
-def tiny_mobilenet(include_top=False, weights=None, input_shape=None, include_preprocessing=True, name="tiny"):
-    """A stand-in for keras.applications.MobileNetV3Small with its skip layers' names (so the catalogue's entry
-    applies): five stride-2 convolutions, each with BatchNorm. What these tests check is the engine's, not the
-    backbone's; a real backbone's step takes seconds to trace (tests/test_encoders*.py build the real ones)."""
-    assert not include_top and weights is None
-    x = inputs = keras.Input(input_shape)
-    for level, skip in enumerate(SKIPS):
-        x = keras.layers.Conv2D(4 * (level + 1), 3, strides=2, padding="same", use_bias=False,
-                                name="conv" if level == 0 else f"tiny_conv{level}")(x)
-        x = keras.layers.BatchNormalization(name=skip)(x)
-        if level < len(SKIPS) - 1:
-            x = keras.layers.Activation("relu", name=f"tiny_relu{level}")(x)
-    return keras.Model(inputs, x, name=name)
-
-
 @pytest.fixture
 def tiny_backbone(monkeypatch):
     monkeypatch.setattr(keras.applications, "MobileNetV3Small", tiny_mobilenet)
@@ -222,19 +204,10 @@ import keras, numpy as np
 from click.testing import CliRunner
 from segtrain.cli import cli
 
-SKIPS = ("conv_bn", "expanded_conv_project_bn", "expanded_conv_2_add", "expanded_conv_7_add", "expanded_conv_10_add")
+sys.path.insert(0, sys.argv[3])
+from tests.helpers import tiny_mobilenet
 
-def tiny_mobilenet(include_top=False, weights=None, input_shape=None, include_preprocessing=True, name="tiny"):
-    x = inputs = keras.Input(input_shape)
-    for level, skip in enumerate(SKIPS):
-        x = keras.layers.Conv2D(4 * (level + 1), 3, strides=2, padding="same", use_bias=False,
-                                name="conv" if level == 0 else f"tiny_conv{level}")(x)
-        x = keras.layers.BatchNormalization(name=skip)(x)
-        if level < len(SKIPS) - 1:
-            x = keras.layers.Activation("relu", name=f"tiny_relu{level}")(x)
-    return keras.Model(inputs, x, name=name)
-
-keras.applications.MobileNetV3Small = tiny_mobilenet  # the stand-in of tests/test_engine_freeze.py
+keras.applications.MobileNetV3Small = tiny_mobilenet  # the stand-in of tests/helpers.py
 report = {}
 for mode in ("none", "mirrored"):
     result = CliRunner().invoke(cli, ["fit", sys.argv[1], "--out", f"{sys.argv[2]}/{mode}", "--set",
@@ -269,7 +242,7 @@ def test_mirrored_on_two_cpu_devices_freezes_and_trains_as_one_device(tmp_path):
     script = tmp_path / "mirror.py"
     script.write_text(MIRRORED_SCRIPT)
     env = dict(os.environ, SEGTRAIN_CPU_DEVICES="2", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, str(script), str(config), str(tmp_path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(script), str(config), str(tmp_path), str(REPO)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads(proc.stdout.split("REPORT", 1)[1])
