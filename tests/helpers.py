@@ -199,6 +199,28 @@ def tiny_mobilenet(include_top=False, weights=None, input_shape=None, include_pr
 # ---------------------------------------------------------------------------- benchmark scripts
 
 
+def run_benchmark_in_process(name: str, *args: str, monkeypatch, capsys) -> list[str]:
+    """benchmarks/NAME's main() with ARGS in this process (TensorFlow is loaded already: each script's own start
+    saves seconds); its non-blank stdout lines, the first naming the machine. For scripts that change no
+    process-wide setting (a dtype policy, devices): those run through `run_benchmark_script`."""
+    import importlib.util
+
+    import keras
+
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{Path(name).stem}", REPO / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    module.main()
+    assert keras.mixed_precision.global_policy().name == "float32", f"{name} left a dtype policy behind"
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines, "no output"
+    assert lines[0].startswith("machine: "), lines[0]  # absolute figures always name the machine
+    return lines
+
+
 def run_benchmark_script(name: str, *args: str, timeout: int = 300) -> list[str]:
     """Run benchmarks/NAME with ARGS on the CPU; its non-blank stdout lines, the first naming the machine."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_benchmark_script
+from tests.helpers import run_benchmark_in_process, run_benchmark_script
 
 pytestmark = pytest.mark.slow
 
@@ -18,6 +18,11 @@ BENCHMARKS = REPO / "benchmarks"
 
 def run_script(name: str, *args: str, timeout: int = 240) -> list[str]:
     return run_benchmark_script(name, *args, timeout=timeout)
+
+
+@pytest.fixture
+def run_in_process(monkeypatch, capsys):
+    return lambda name, *args: run_benchmark_in_process(name, *args, monkeypatch=monkeypatch, capsys=capsys)
 
 
 def final_ratio(lines: list[str]) -> float:
@@ -30,8 +35,10 @@ def final_ratio(lines: list[str]) -> float:
 
 @pytest.mark.parametrize("name", ["fit_throughput.py", "pipeline_throughput.py", "memory.py", "predict_throughput.py",
                                   "step_overhead.py", "eval_speed.py", "plan_memory.py"])
-def test_speed_and_memory_benchmarks_print_a_final_ratio(name):
-    lines = run_script(name, "--tiny")
+def test_speed_and_memory_benchmarks_print_a_final_ratio(name, run_in_process):
+    # in this process: none of them changes a process-wide setting (the GPU script, which sets a dtype policy and
+    # hides devices, runs in its own below)
+    lines = run_in_process(name, "--tiny")
     final_ratio(lines)
     assert any("median" in line for line in lines), "figures must be medians"
 

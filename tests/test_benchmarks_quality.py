@@ -1,25 +1,31 @@
 """The quality benchmarks (segtrain against plain Keras, costs, the data variants, tune and prior correction) on their
-tiny settings, in a file of their own so that pytest-xdist can run it beside tests/test_benchmarks.py."""
+tiny settings, in a file of their own so that pytest-xdist can run it beside tests/test_benchmarks.py; in this process
+(none of them changes a process-wide setting), which saves each its own TensorFlow start."""
 
 import pytest
 
-from tests.helpers import run_benchmark_script as run_script
+from tests.helpers import run_benchmark_in_process
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    return lambda name, *args: run_benchmark_in_process(name, *args, monkeypatch=monkeypatch, capsys=capsys)
 
 
 def table_rows(lines: list[str], first_cell: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith(f"| {first_cell}")]
 
 
-def test_data_variants_tiny_prints_every_variant():
+def test_data_variants_tiny_prints_every_variant(run_script):
     lines = run_script("data_variants.py", "--tiny", "--variants", "both")  # sampling and augmentation at once
     rows = table_rows(lines, "tiny")
     assert [(r[1], r[2]) for r in rows] == [("both", "best"), ("both", "last")]
     assert all(0.0 <= float(r[3]) <= 1.0 for r in rows)
 
 
-def test_prior_correction_tiny_prints_the_rows_and_both_temperature_tables():
+def test_prior_correction_tiny_prints_the_rows_and_both_temperature_tables(run_script):
     lines = run_script("prior_correction.py", "--tiny")
     names = [r[0].replace(" (nothing written)", "") for r in table_rows(lines, "none") + table_rows(lines, "median")]
     assert names == ["none", "none + tuned (class biases)", "median_frequency", "median_frequency + weights (tau 1)",
@@ -30,14 +36,14 @@ def test_prior_correction_tiny_prints_the_rows_and_both_temperature_tables():
     assert all(0.0 <= float(r[3]) <= 1.0 for r in table_rows(lines, "per-class T"))  # mean IoU
 
 
-def test_operating_point_tiny_prints_calibration_and_the_tuned_rows():
+def test_operating_point_tiny_prints_calibration_and_the_tuned_rows(run_script):
     lines = run_script("operating_point.py", "--tiny", "--objectives", "f1")
     assert any(line.startswith("calibration on val_b: T = ") for line in lines)
     names = [r[0] for r in table_rows(lines, "argmax") + table_rows(lines, "tuned")]
     assert names == ["argmax (untuned)", "tuned for f1", "tuned for f1 + post-processing"]
 
 
-def test_quality_tiny_prints_a_per_class_table_for_segtrain_and_the_plain_script():
+def test_quality_tiny_prints_a_per_class_table_for_segtrain_and_the_plain_script(run_script):
     lines = run_script("quality.py", "--tiny")
     header = lines.index("| set | run | minutes | steps | class | IoU | F1 | precision | recall |")
     rows = [line for line in lines[header + 2:] if line.startswith("| tiny |")]
@@ -46,7 +52,7 @@ def test_quality_tiny_prints_a_per_class_table_for_segtrain_and_the_plain_script
     assert len(rows) == 6  # two classes for each of the three runs
 
 
-def test_cost_tradeoff_tiny_prints_the_three_cost_settings():
+def test_cost_tradeoff_tiny_prints_the_three_cost_settings(run_script):
     lines = run_script("cost_tradeoff.py", "--tiny")
     rows = [line for line in lines if line.startswith("| high") or line.startswith("| default")]
     assert [row.split("|")[1].strip().split(" (")[0] for row in rows] == ["high fn_cost", "default costs",
@@ -55,7 +61,7 @@ def test_cost_tradeoff_tiny_prints_the_three_cost_settings():
     assert lines[-1].startswith("ratio: ")
 
 
-def test_plan_vs_hand_tiny_prints_both_configs():
+def test_plan_vs_hand_tiny_prints_both_configs(run_script):
     lines = run_script("plan_vs_hand.py", "--tiny")
     rows = table_rows(lines, "tiny")
     assert [r[1].split()[0] for r in rows][-2:] == ["plan", "hand"]
