@@ -364,10 +364,11 @@ def test_filters_and_batch_follow_device_and_memory(fps):
     fp = fps["large_objects"]  # 256 x 256, 3 channels, 2 classes
     _, filters, batch = rules.model_size(fp, 256, 5, "gpu", 16 * GB, 3600)
     assert filters.value == 32 and batch.value == 16 and "16 crops" in batch.reason and "16.0 GB" in batch.reason
-    _, filters, batch = rules.model_size(fp, 256, 5, "cpu", 4 * GB, 3600)
+    _, filters, batch = rules.model_size(fp, 256, 5, "cpu", 4 * GB, 7200)
     assert filters.value == 16 and batch.value == 4
-    _, filters, _ = rules.model_size(fp, 256, 5, "cpu", 4 * GB, 600)
-    assert filters.value == 8 and "below 30 min" in filters.reason
+    for budget in (600, 1800, 7199):
+        _, filters, _ = rules.model_size(fp, 256, 5, "cpu", 4 * GB, budget)
+        assert filters.value == 8 and "below 2 h" in filters.reason
     # little memory: a smaller batch, then a smaller crop, never below a batch of 2
     per_crop = resources.training_bytes(256, 5, 8, 3, 2, 1, "cpu")
     memory = resources.RUNTIME_BYTES["cpu"] + 3 * per_crop

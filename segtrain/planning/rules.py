@@ -111,8 +111,9 @@ def cache(fp: Fingerprint, host_memory: int, device_name: str = "cpu") -> Decisi
 
 
 FILTER_CHOICES = {"gpu": (32, 16, 8), "cpu": (16, 8)}
-CPU_WIDE_BUDGET = 30 * 60
-"""On the CPU, 16 base filters only from a 30-minute budget (a step costs ~4x that of 8 filters)."""
+CPU_WIDE_BUDGET = 2 * 60 * 60
+"""On the CPU, 16 base filters only from a 2-hour budget: a step costs ~3x that of 8 filters, and at 30 minutes on
+two cores 8 filters with 3x the steps won on both binary sets tried (docs/BENCHMARKS.md, plan_vs_hand.py)."""
 BATCH_PIXELS = {"cpu": 2**18, "gpu": 2**20}
 """Pixels per batch aimed at: 4 crops of 256 px on the CPU, 16 on a GPU."""
 MIN_BATCH = 2
@@ -129,7 +130,7 @@ def model_size(fp: Fingerprint, crop_value: int, depth_value: int, device_name: 
     """(crop, base_filters, batch_size) that fit the memory target.
 
     Memory for the step = target - runtime (`RUNTIME_BYTES`) - the data cache when it shares the memory (CPU).
-    Base filters: the widest of 32/16/8 on a GPU (16/8 on the CPU, 8 under a 30-minute budget) whose training step
+    Base filters: the widest of 32/16/8 on a GPU (16/8 on the CPU, 8 under a 2-hour budget) whose training step
     (`training_bytes`) fits the batch aimed at (`batch_target`); else the widest that fits a batch of 2, with the
     largest batch that fits; else the crop shrinks by 2**depth until a batch of 2 at 8 filters fits.
     """
@@ -166,7 +167,7 @@ def model_size(fp: Fingerprint, crop_value: int, depth_value: int, device_name: 
     if value != crop_value:
         crop_decision = f"lowered from {crop_value} to fit a batch of {batch} in memory"
     why = {"cpu": f"CPU, {budget_seconds / 60:.0f} min budget" + ("" if budget_seconds >= CPU_WIDE_BUDGET
-                                                                   else ": 8 below 30 min"),
+                                                                   else ": 8 below 2 h"),
            "gpu": "GPU: widest of 32/16/8 that fits"}[device_name]
     filters_decision = Decision(filters, f"{why}; {format_bytes(per_image)} per {value}-px crop in training")
     batch_decision = Decision(batch, f"{batch} crops: {format_bytes(used)} of the {format_bytes(max(available, 0))} "
