@@ -305,7 +305,8 @@ def evaluate_split(split_logits: SplitLogits, split: str, out_dir: Path, relaxed
         log(f"warning: {metrics['operating_point']['warning']}")
     calibration = metrics["calibration"]
     log(f"Calibration on every {split} pixel (T = {temperature_text(policy.temperature)}): ECE "
-        f"{_fmt(calibration['ece_before'])} before, {_fmt(calibration['ece_after'])} after ({calibration['ece_bins']} bins)")
+        f"{_fmt(calibration['ece_before'])} before, {_fmt(calibration['ece_after'])} after "
+        f"({calibration['ece_bins']} bins)")
     if relaxed is not None:
         r = metrics["relaxed"]
         log(f"Relaxed (rho={relaxed_rho:g} px): precision {_fmt(r['precision'])}, recall {_fmt(r['recall'])}, "

@@ -2,13 +2,10 @@
 tables. Run in this process with tests/helpers.py's stand-in for MobileNetV3Small (the script's plumbing is what is
 checked here; the real backbones are built and traced in tests/test_encoders.py, where each costs seconds)."""
 
-import importlib.util
-import sys
-
 import keras
 import pytest
 
-from tests.helpers import REPO, tiny_mobilenet
+from tests.helpers import run_benchmark_in_process, tiny_mobilenet
 
 pytestmark = pytest.mark.slow
 
@@ -19,15 +16,7 @@ def table_rows(lines: list[str], first_cell: str) -> list[list[str]]:
 
 def run_in_process(monkeypatch, capsys, *args: str) -> list[str]:
     monkeypatch.setattr(keras.applications, "MobileNetV3Small", tiny_mobilenet)
-    monkeypatch.setattr(sys, "argv", ["encoders.py", *args])
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("encoders_benchmark", REPO / "benchmarks" / "encoders.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main()
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert lines[0].startswith("machine: "), lines[0]  # absolute figures always name the machine
-    return lines
+    return run_benchmark_in_process("encoders.py", *args, monkeypatch=monkeypatch, capsys=capsys)
 
 
 def test_encoders_tiny_prints_the_speed_table_and_the_four_fine_tuning_rows(monkeypatch, capsys):

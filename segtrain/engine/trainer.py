@@ -197,17 +197,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     def _replica_val_logits(self, images, masks):
+        def forward():
+            return tf.cast(self.model(images, training=False), tf.float32)
+
         if self.strategy.num_replicas_in_sync == 1:
-            logits = tf.cast(self.model(images, training=False), tf.float32)
+            logits = forward()
         else:
             channels = self.model.outputs[0].shape[-1]  # K logits, or 1 for a two-class model
             # A last batch (or a split) with fewer images than replicas leaves some replica none: Keras's BatchNorm
             # fails on an empty batch, so that replica's logits are an empty tensor; the loss still runs on every
             # replica (its cross-replica sums need all of them) and an empty share adds nothing.
-            logits = tf.cond(
-                tf.shape(images)[0] > 0,
-                lambda: tf.cast(self.model(images, training=False), tf.float32),
-                lambda: tf.zeros(tf.concat([tf.shape(images)[:3], [channels]], 0), tf.float32))
+            logits = tf.cond(tf.shape(images)[0] > 0, forward,
+                             lambda: tf.zeros(tf.concat([tf.shape(images)[:3], [channels]], 0), tf.float32))
             logits = tf.ensure_shape(logits, [None, None, None, channels])
         return logits, tf.cast(self.loss_fn(masks, logits), tf.float64)
 
