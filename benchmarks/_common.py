@@ -298,6 +298,74 @@ def timed_run_fit(config, run_dir: Path) -> dict:
     return metrics
 
 
+def budgeted_fit(config_path: Path, budget: str, run_dir: Path, overrides=()) -> dict:
+    """`segtrain fit CONFIG --budget BUDGET --set ...` in process; its final metrics (best.keras on val) plus
+    `wall_minutes`, `train_minutes` (without fit's calibration and evaluation) and `planned_steps` (the last
+    re-plan's step count)."""
+    import json
+
+    from segtrain.api import fit
+
+    start = time.perf_counter()
+    result = fit(config_path, [f"train.budget={budget}", *overrides], out=run_dir, overwrite=True,
+                 log=lambda *a, **k: None)
+    metrics = dict(result.metrics)
+    plan = json.loads((run_dir / "budget.json").read_text())
+    metrics["wall_minutes"] = (time.perf_counter() - start) / 60
+    metrics["train_minutes"] = metrics["wall_minutes"] - metrics.get("post_training_seconds", 0.0) / 60
+    metrics["planned_steps"] = plan["replans"][-1]["total_steps"] if plan.get("replans") else plan["total_steps"]
+    return metrics
+
+
+# ---------------------------------------------------------------------------- side by side, a core each
+# A script that trains two runs at once calls `add_pinned_arguments(parser)`, then `run_pinned_child(args)` first
+# thing (it returns True in the child, which has done its work), and starts each run with `start_pinned`.
+
+
+def add_pinned_arguments(parser) -> None:
+    """The hidden arguments of the child process `start_pinned` starts."""
+    import argparse
+
+    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
+
+
+def start_pinned(script: str, config_path: Path, budget: str, run_dir: Path, overrides, core: int):
+    """`budgeted_fit` in a child process of `script` pinned to `core` (os.sched_setaffinity: TensorFlow then sizes
+    its thread pools to the one core); its metrics arrive as JSON in run_dir.parent/<name>.json (`pinned_metrics`),
+    its stderr in <name>.log. Returns the subprocess.Popen."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, script, "--one", str(config_path), "--budget", budget, "--run-dir", str(run_dir),
+               "--core", str(core), *[f"--extra={item}" for item in overrides]]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(run_dir.parent / f"{run_dir.name}.log", "w"))
+
+
+def run_pinned_child(args) -> bool:
+    """In the child `start_pinned` started: pin, fit, write the metrics, return True. Elsewhere: False."""
+    import json
+
+    if args.one is None:
+        return False
+    os.sched_setaffinity(0, {args.core})
+    metrics = budgeted_fit(args.one, args.budget, args.run_dir, args.extra)
+    metrics["core"] = args.core
+    (args.run_dir.parent / f"{args.run_dir.name}.json").write_text(json.dumps(metrics))
+    return True
+
+
+def pinned_metrics(child, run_dir: Path, what: str) -> dict:
+    """Wait for a `start_pinned` child; its metrics, or SystemExit naming `what` and its log."""
+    import json
+
+    if child.wait() != 0:
+        raise SystemExit(f"{what} failed: see {run_dir.parent / f'{run_dir.name}.log'}")
+    return json.loads((run_dir.parent / f"{run_dir.name}.json").read_text())
+
+
 def evaluate_model_file(model_path: Path, split: str = "val") -> dict:
     """`segtrain eval MODEL.keras --split val`, in process."""
     from segtrain.evaluation import evaluate_checkpoint

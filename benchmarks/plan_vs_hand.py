@@ -18,20 +18,16 @@ whatever else runs slows both alike, and neither measures its step time on a qui
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, SHARED_DATASETS, fmt, load_average, machine_line, write_dataset  # noqa: E402
-
-QUIET = lambda *a, **k: None  # noqa: E731
+from _common import (REPO, SHARED_DATASETS, add_pinned_arguments, budgeted_fit, fmt, load_average,  # noqa: E402
+                     machine_line, pinned_metrics, run_pinned_child, start_pinned, write_dataset)
 
 
 def plan_config(root: Path, budget: str, out: Path) -> Path:
@@ -44,35 +40,6 @@ def plan_config(root: Path, budget: str, out: Path) -> Path:
     ignore = [11] if root.name == "camvid" else None  # CamVid's void is an ordinary id: its README names it
     write_plan(make_plan(fingerprint(root, ignore=ignore), "cpu", None, parse_budget(budget)), out)
     return out
-
-
-def fit(config_path: Path, budget: str, run_dir: Path, extra=()) -> dict:
-    """fit with train.budget; the run's metrics.json plus minutes of training and the planned steps."""
-    from segtrain.api import fit as fit_run
-
-    start = time.perf_counter()
-    result = fit_run(config_path, [f"train.budget={budget}", *extra], out=run_dir, overwrite=True, log=QUIET)
-    metrics = dict(result.metrics)
-    plan = json.loads((run_dir / "budget.json").read_text())
-    metrics["wall_minutes"] = (time.perf_counter() - start) / 60
-    metrics["train_minutes"] = metrics["wall_minutes"] - metrics.get("post_training_seconds", 0.0) / 60
-    metrics["planned_steps"] = plan["replans"][-1]["total_steps"] if plan.get("replans") else plan["total_steps"]
-    return metrics
-
-
-def fit_pinned(config_path: Path, budget: str, run_dir: Path, extra, core: int) -> subprocess.Popen:
-    """`fit` in a child process pinned to `core`; its metrics arrive as JSON in run_dir.parent/<name>.json."""
-    command = [sys.executable, __file__, "--one", str(config_path), "--budget", budget, "--run-dir", str(run_dir),
-               "--core", str(core), *[f"--extra={item}" for item in extra]]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(run_dir.parent / f"{run_dir.name}.log", "w"))
-
-
-def one(args) -> None:
-    """The child of fit_pinned: pin, fit, write the metrics."""
-    os.sched_setaffinity(0, {args.core})
-    metrics = fit(args.one, args.budget, args.run_dir, args.extra)
-    metrics["core"] = args.core
-    (args.run_dir.parent / f"{args.run_dir.name}.json").write_text(json.dumps(metrics))
 
 
 def row(name: str, config: str, metrics: dict) -> str:
@@ -90,13 +57,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke run: a synthetic set, a few-second budget")
     parser.add_argument("--side-by-side", action="store_true",
                         help="train plan and hand at the same time, each pinned to its own core")
-    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # the child process of --side-by-side
-    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
+    add_pinned_arguments(parser)  # the child process of --side-by-side
     args = parser.parse_args()
-    if args.one is not None:
-        one(args)
+    if run_pinned_child(args):
         return
 
     print(machine_line(), flush=True)
@@ -119,17 +82,16 @@ def main() -> None:
             configs = (("plan", planned), ("hand", hand))
             if args.side_by_side:
                 print(f"{name}: plan and hand side by side, one core each [{load_average()}]", flush=True)
-                children = [fit_pinned(config, budget, out / f"run_{name}_{label}", extra if label == "hand" else (),
-                                       core) for core, (label, config) in enumerate(configs)]
+                children = [start_pinned(__file__, config, budget, out / f"run_{name}_{label}",
+                                         extra if label == "hand" else (), core)
+                            for core, (label, config) in enumerate(configs)]
                 for (label, config), child in zip(configs, children):
-                    if child.wait() != 0:
-                        raise SystemExit(f"{label} fit on {name} failed: see {out / f'run_{name}_{label}.log'}")
-                    metrics = json.loads((out / f"run_{name}_{label}.json").read_text())
+                    metrics = pinned_metrics(child, out / f"run_{name}_{label}", f"{label} fit on {name}")
                     lines.append(row(name, f"{label} ({config.name})", metrics))
                     print(lines[-1], f"[{load_average()}]", flush=True)
                 continue
             for label, config in configs:
-                metrics = fit(config, budget, out / f"run_{name}_{label}", extra if label == "hand" else ())
+                metrics = budgeted_fit(config, budget, out / f"run_{name}_{label}", extra if label == "hand" else ())
                 lines.append(row(name, f"{label} ({config.name})", metrics))
                 print(lines[-1], f"[{load_average()}]", flush=True)
         print()

@@ -21,8 +21,16 @@ def table_rows(lines: list[str], first_cell: str) -> list[list[str]]:
 def test_data_variants_tiny_prints_every_variant(run_script):
     lines = run_script("data_variants.py", "--tiny", "--variants", "both")  # sampling and augmentation at once
     rows = table_rows(lines, "tiny")
-    assert [(r[1], r[2]) for r in rows] == [("both", "best"), ("both", "last")]
-    assert all(0.0 <= float(r[3]) <= 1.0 for r in rows)
+    assert [(r[1], r[2], r[3]) for r in rows] == [("both", "best", "4"), ("both", "last", "4")]  # steps
+    assert all(0.0 <= float(r[5]) <= 1.0 for r in rows)  # fg IoU
+
+
+def test_data_variants_tiny_under_a_budget_reports_the_planned_steps(run_script):
+    lines = run_script("data_variants.py", "--tiny", "--budget", "2s", "--variants", "plain")
+    rows = table_rows(lines, "tiny")
+    assert [(r[1], r[2]) for r in rows] == [("plain", "best"), ("plain", "last")]
+    assert rows[0][3] == rows[1][3] and int(rows[0][3]) >= 1  # the budget's planned steps, one run
+    assert any(line.startswith("tiny: a budget of 2s per run") for line in lines)
 
 
 def test_prior_correction_tiny_prints_the_rows_and_both_temperature_tables(run_script):
