@@ -7,7 +7,9 @@ same seed and the same validation schedule:
 - sampling: plus `data.sampling: {<foreground>: SHARE}` (default 0.5: half the crops centred on
   a foreground pixel; `loss.class_weights_from` stays the config's default, `sampled`);
 - augmentation: plus `rotate: 30`, `scale: [0.8, 1.25]`, `brightness: 0.1`, `contrast: 0.2`;
-- both.
+- both;
+- unsampled: with `data.sampling: {}`, for a config that samples already (a planned one: the ablation of its own
+  sampling; `--sets` takes a YAML path as well as a shipped config's name).
 Scored as `segtrain eval` scores (whole val images, the config's decision rule, calibration as fit
 fits it) for best.keras (picked on val by the config's monitor) and last.keras (no selection on val).
 Prints the foreground's IoU, F1, precision and recall and the mean IoU as a Markdown table. One seed:
@@ -15,6 +17,7 @@ differences of a point or two are within seed noise.
 
     python benchmarks/data_variants.py --sets membrane,epfl_roads --steps 400
     python benchmarks/data_variants.py --sets crackforest --budget 30m --side-by-side   # two runs at once, a core each
+    python benchmarks/data_variants.py --sets runs/camvid_planned.yaml --budget 30m --side-by-side --variants plain,unsampled
     python benchmarks/data_variants.py --tiny        # seconds-long smoke run on synthetic data
 """
 
@@ -40,7 +43,8 @@ AUGMENT = ["data.augment.rotate=30", "data.augment.scale=[0.8, 1.25]", "data.aug
 
 def variants(foreground: str, share: float) -> dict[str, list[str]]:
     sampling = [f"data.sampling={{{foreground}: {share}}}"]
-    return {"plain": [], "sampling": sampling, "augmentation": AUGMENT, "both": sampling + AUGMENT}
+    return {"plain": [], "sampling": sampling, "augmentation": AUGMENT, "both": sampling + AUGMENT,
+            "unsampled": ["data.sampling={}"]}
 
 
 def row(name: str, variant: str, model: str, metrics: dict, steps: int, minutes: float) -> dict:
@@ -89,7 +93,7 @@ def fit_budgets(jobs: list[tuple[str, list[str]]], config_path: Path, budget: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default="membrane,epfl_roads", help="comma-separated configs/<set>.yaml names")
+    parser.add_argument("--sets", default="membrane,epfl_roads", help="comma-separated configs/<set>.yaml names or YAML paths")
     parser.add_argument("--steps", type=int, default=400, help="training steps per run (10 epochs)")
     parser.add_argument("--share", type=float, default=0.5, help="share of crops centred on the foreground")
     parser.add_argument("--variants", default="plain,sampling,augmentation,both")
@@ -121,7 +125,8 @@ def main() -> None:
                 "batch_size: 2}\nmodel: {depth: 2, base_filters: 4}\n")
             plan = {"tiny": config_path}
         else:
-            plan = {name: REPO / "configs" / f"{name}.yaml" for name in args.sets.split(",")}
+            plan = {Path(name).stem: Path(name) if name.endswith((".yaml", ".yml")) else REPO / "configs" / f"{name}.yaml"
+                    for name in args.sets.split(",")}
         steps = 4 if args.tiny else args.steps
         budget = args.budget
         for name, config_path in plan.items():
