@@ -5,17 +5,30 @@ Not a benchmark itself (the leading underscore keeps it out of the benchmark lis
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@contextlib.contextmanager
+def output_folder(out: Optional[Path], prefix: str) -> Iterator[Path]:
+    """`--out` (created; kept), or a temporary folder named `prefix...`, removed afterwards."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def cores() -> int:
@@ -112,6 +125,17 @@ def write_dataset(root: Path, n_train: int, n_val: int, size: int, channels: int
             Image.fromarray(image).save(image_path, **({"quality": 90} if image_ext == ".jpg" else {}))
             Image.fromarray(mask).save(mask_path)
     return root
+
+
+def write_tiny_config(out: Path, foreground: str = "line", extra: str = "") -> Path:
+    """out/tiny.yaml on a synthetic set in out/tiny_data (6 train, 2 val images of 64 px; the `--tiny` runs): crop
+    32, batch 2, a depth-2 U-Net of 4 filters; `extra`, YAML lines of other sections, appended."""
+    root = write_dataset(out / "tiny_data", 6, 2, 64)
+    config_path = out / "tiny.yaml"
+    config_path.write_text(
+        f"data: {{root: {root}, classes: [background, {foreground}], mask: {{threshold: 127}}, crop: 32, "
+        "batch_size: 2}\nmodel: {depth: 2, base_filters: 4}\n" + extra)
+    return config_path
 
 
 def split_halves(source: Path, target: Path, split: str = "val") -> Path:

@@ -22,14 +22,13 @@ import copy
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (REPO, evaluate_model_file, machine_line, measure_step_seconds, set_budget,  # noqa: E402
-                     timed_run_fit, write_dataset)
+from _common import (REPO, evaluate_model_file, machine_line, measure_step_seconds, output_folder,  # noqa: E402
+                     set_budget, timed_run_fit, write_tiny_config)
 
 
 def with_costs(config, fp: float, fn: float):
@@ -63,18 +62,10 @@ def main() -> None:
     from segtrain.config import load_config
 
     print(machine_line())
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_costs_")
-    out = args.out or Path(tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with output_folder(args.out, "segtrain_costs_") as out:
         if args.tiny:
-            root = write_dataset(out / "tiny_data", 6, 2, 64)
-            config_path = out / "tiny.yaml"
-            config_path.write_text(
-                f"data: {{root: {root}, classes: [background, crack], mask: {{threshold: 127}}, crop: 32, "
-                "batch_size: 2}\nmodel: {depth: 2, base_filters: 4}\n"
-                "loss: {terms: [cost_sensitive, {name: tversky, alpha: 0.3, beta: 0.7}]}\n"
-                "predict: {decision: cost}\n")
+            config_path = write_tiny_config(out, "crack", "loss: {terms: [cost_sensitive, {name: tversky, alpha: 0.3, "
+                                                          "beta: 0.7}]}\npredict: {decision: cost}\n")
             config = load_config(config_path, args.overrides)
             total_steps = 3
         else:
@@ -122,9 +113,6 @@ def main() -> None:
         print(f"recall high-to-low (fn > default > fp): {'yes' if recall_ok else 'NO'}; "
               f"precision low-to-high: {'yes' if precision_ok else 'NO'}")
         print(f"ratio: {recall[0] / recall[2]:.3f}" if recall[2] > 0 else "ratio: inf")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 def fp_over(variants: dict, name: str) -> float:

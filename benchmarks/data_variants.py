@@ -17,7 +17,8 @@ differences of a point or two are within seed noise.
 
     python benchmarks/data_variants.py --sets membrane,epfl_roads --steps 400
     python benchmarks/data_variants.py --sets crackforest --budget 30m --side-by-side   # two runs at once, a core each
-    python benchmarks/data_variants.py --sets runs/camvid_planned.yaml --budget 30m --side-by-side --variants plain,unsampled
+    python benchmarks/data_variants.py --sets runs/camvid_planned.yaml --budget 30m --side-by-side \
+        --variants plain,unsampled
     python benchmarks/data_variants.py --tiny        # seconds-long smoke run on synthetic data
 """
 
@@ -27,15 +28,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (REPO, add_pinned_arguments, budgeted_fit, evaluate_model_file, load_average,  # noqa: E402
-                     machine_line, pinned_metrics, run_pinned_child, set_budget, start_pinned, timed_run_fit,
-                     write_dataset)
+                     machine_line, output_folder, pinned_metrics, run_pinned_child, set_budget, start_pinned,
+                     timed_run_fit, write_tiny_config)
 
 AUGMENT = ["data.augment.rotate=30", "data.augment.scale=[0.8, 1.25]", "data.augment.brightness=0.1",
            "data.augment.contrast=0.2"]
@@ -45,6 +45,11 @@ def variants(foreground: str, share: float) -> dict[str, list[str]]:
     sampling = [f"data.sampling={{{foreground}: {share}}}"]
     return {"plain": [], "sampling": sampling, "augmentation": AUGMENT, "both": sampling + AUGMENT,
             "unsampled": ["data.sampling={}"]}
+
+
+def config_file(name: str) -> Path:
+    """A YAML path as given, or a shipped config's name: configs/<name>.yaml."""
+    return Path(name) if name.endswith((".yaml", ".yml")) else REPO / "configs" / f"{name}.yaml"
 
 
 def row(name: str, variant: str, model: str, metrics: dict, steps: int, minutes: float) -> dict:
@@ -93,7 +98,8 @@ def fit_budgets(jobs: list[tuple[str, list[str]]], config_path: Path, budget: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default="membrane,epfl_roads", help="comma-separated configs/<set>.yaml names or YAML paths")
+    parser.add_argument("--sets", default="membrane,epfl_roads",
+                        help="comma-separated configs/<set>.yaml names or YAML paths")
     parser.add_argument("--steps", type=int, default=400, help="training steps per run (10 epochs)")
     parser.add_argument("--share", type=float, default=0.5, help="share of crops centred on the foreground")
     parser.add_argument("--variants", default="plain,sampling,augmentation,both")
@@ -112,21 +118,13 @@ def main() -> None:
     from segtrain.config import load_config
 
     print(machine_line(), flush=True)
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_variants_")
-    out = args.out or Path(tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    try:
+    with output_folder(args.out, "segtrain_variants_") as out:
         if args.tiny:
-            root = write_dataset(out / "tiny_data", 6, 2, 64)
-            config_path = out / "tiny.yaml"
-            config_path.write_text(
-                f"data: {{root: {root}, classes: [background, line], mask: {{threshold: 127}}, crop: 32, "
-                "batch_size: 2}\nmodel: {depth: 2, base_filters: 4}\n")
+            config_path = write_tiny_config(out)
             plan = {"tiny": config_path}
         else:
-            plan = {Path(name).stem: Path(name) if name.endswith((".yaml", ".yml")) else REPO / "configs" / f"{name}.yaml"
-                    for name in args.sets.split(",")}
+            plan = {Path(name).stem: config_file(name) for name in args.sets.split(",")}
         steps = 4 if args.tiny else args.steps
         budget = args.budget
         for name, config_path in plan.items():
@@ -150,9 +148,6 @@ def main() -> None:
         print(f"tiny: {per_run} per run, figures mean nothing" if args.tiny else
               f"{per_run} per run, seed as configured; val split, whole images")
         print(table(rows))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

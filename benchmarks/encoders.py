@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,8 @@ import yaml
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, SHARED_DATASETS, alternate, fmt, load_average, machine_line, write_dataset  # noqa: E402
+from _common import (REPO, SHARED_DATASETS, alternate, fmt, load_average, machine_line, output_folder,  # noqa: E402
+                     write_dataset)
 
 QUIET = lambda *a, **k: None  # noqa: E731
 ALL_ENCODERS = "mobilenetv3small,mobilenetv3large,efficientnetv2b0,resnet50,convnexttiny"
@@ -170,10 +170,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(machine_line(), flush=True)
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_encoders_")
-    out = args.out or Path(tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with output_folder(args.out, "segtrain_encoders_") as out:
         if args.tiny:
             pretrain_root = write_dataset(out / "tiny_a", 4, 2, 64)
             target_root = write_dataset(out / "tiny_b", 4, 2, 64, seed=1)
@@ -198,9 +195,6 @@ def main() -> None:
             print(f"fine-tuning on {target_root.name}: {per_run}, the encoder pretrained on {pretrain_root.name} for "
                   f"{pretrain_budget or 'two one-step epochs'}; val split, whole images, the policy fit leaves")
             print("\n".join(lines))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (REPO, SHARED_DATASETS, fmt, machine_line, set_budget, split_halves,  # noqa: E402
+from _common import (REPO, SHARED_DATASETS, fmt, machine_line, output_folder, set_budget, split_halves,  # noqa: E402
                      timed_run_fit, write_dataset)
 
 QUIET = lambda *a, **k: None  # noqa: E731
@@ -86,10 +85,7 @@ def main() -> None:
     from segtrain.policy.tuning import tune_run
 
     print(machine_line(), flush=True)
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_operating_point_")
-    out = args.out or Path(tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with output_folder(args.out, "segtrain_operating_point_") as out:
         source = write_dataset(out / "tiny_source", 6, 4, 64) if args.tiny else SHARED_DATASETS / "crackforest"
         data_root = split_halves(source, out / "data")
         overrides = [f"data.root={data_root}", "data.val_split=val_a"] + (TINY_OVERRIDES if args.tiny else [])
@@ -118,9 +114,6 @@ def main() -> None:
               f"before -> {fmt(calibration['ece_after'], 4)} after ({calibration['ece_bins']} bins)")
         print(f"costs: {costs.tolist()}")
         print(table(rows))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (REPO, SHARED_DATASETS, add_pinned_arguments, budgeted_fit, fmt, load_average,  # noqa: E402
-                     machine_line, pinned_metrics, run_pinned_child, start_pinned, write_dataset)
+                     machine_line, output_folder, pinned_metrics, run_pinned_child, start_pinned, write_dataset)
 
 
 def plan_config(root: Path, budget: str, out: Path) -> Path:
@@ -63,12 +62,9 @@ def main() -> None:
         return
 
     print(machine_line(), flush=True)
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_plan_vs_hand_")
-    out = args.out or Path(tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
     lines = ["| set | config | training minutes | steps | mean IoU | foreground IoU | pixel acc. |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    try:
+    with output_folder(args.out, "segtrain_plan_vs_hand_") as out:
         if args.tiny:
             sets = {"tiny": write_dataset(out / "tiny", 6, 4, 64)}
             budget = "2s"
@@ -97,9 +93,6 @@ def main() -> None:
         print()
         print(f"budget {budget} per run; val split, whole images, the policy fit leaves (one temperature, argmax)")
         print("\n".join(lines))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, SHARED_DATASETS, fmt, machine_line, set_budget, split_halves, timed_run_fit  # noqa: E402
+from _common import (REPO, SHARED_DATASETS, fmt, machine_line, output_folder, set_budget, split_halves,  # noqa: E402
+                     timed_run_fit)
 
 QUIET = lambda *a, **k: None  # noqa: E731
 
@@ -159,10 +159,7 @@ def main() -> None:
     from segtrain.policy.tuning import tune_run
 
     print(machine_line(), flush=True)
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="segtrain_prior_")
-    out = args.out or Path(tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with output_folder(args.out, "segtrain_prior_") as out:
         source = tiny_dataset(out / "tiny_source") if args.tiny else SHARED_DATASETS / "camvid"
         data_root = split_halves(source, out / "data")
         overrides = [f"data.root={data_root}", "data.val_split=val_a"] + (TINY_OVERRIDES if args.tiny else [])
@@ -206,9 +203,6 @@ def main() -> None:
         for name, rows_t in calibration.items():
             print(f"\n{name}: one temperature against per-class temperatures (fitted on val_a, scored on val_b)")
             print(temperature_table(rows_t))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

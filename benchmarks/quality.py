@@ -28,14 +28,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (REPO, class_rows, evaluate_model_file, machine_line,  # noqa: E402
-                     measure_step_seconds, set_budget, timed_run_fit, write_dataset)
+from _common import (REPO, class_rows, evaluate_model_file, machine_line, measure_step_seconds,  # noqa: E402
+                     output_folder, set_budget, timed_run_fit, write_tiny_config)
 
 SETS = {  # config, and how the plain script reads the same masks (raw value of the foreground)
     "membrane": ("configs/membrane.yaml", "0"),
@@ -85,19 +84,11 @@ def main() -> None:
     from segtrain.config import load_config
 
     print(machine_line())
-    keep = args.out is not None
-    tmp = None if keep else tempfile.TemporaryDirectory(prefix="segtrain_quality_")
-    out = args.out if keep else Path(tmp.name)
-    out.mkdir(parents=True, exist_ok=True)
     results = []
-    try:
+    with output_folder(args.out, "segtrain_quality_") as out:
         if args.tiny:
-            root = write_dataset(out / "tiny_data", 6, 2, 64)
-            config_path = out / "tiny.yaml"
-            config_path.write_text(
-                f"data: {{root: {root}, classes: [background, line], mask: {{threshold: 127}}, crop: 32, "
-                "batch_size: 2}\nmodel: {depth: 2, base_filters: 4}\n"
-                "loss: {terms: [cross_entropy, {name: jaccard, weight: 0.5}], class_weights: balanced}\n")
+            config_path = write_tiny_config(
+                out, extra="loss: {terms: [cross_entropy, {name: jaccard, weight: 0.5}], class_weights: balanced}\n")
             plan = {"tiny": (str(config_path), "above127")}
         else:
             plan = {name: SETS[name] for name in args.sets.split(",")}
@@ -145,9 +136,6 @@ def main() -> None:
                 print(f"{name}: foreground IoU segtrain(last) {seg['iou'] or 0:.3f} vs plain {base['iou'] or 0:.3f}, "
                       f"F1 {seg['dice'] or 0:.3f} vs {base['dice'] or 0:.3f} -> "
                       f"{'segtrain better' if (seg['iou'] or 0) > (base['iou'] or 0) else 'NOT better'}")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def main() -> None:
         config = synthetic_config(root, 16, 8, 1, 4, extra={"train.steps_per_execution": spe,
                                                             "loss": {"terms": [{"name": "cross_entropy"}]}})
         setup = SegtrainSetup(config, work)
-        model, keras_ds = keras_unet(setup, steps_per_execution=32)
+        # (--tiny compiles Keras's side without XLA: the smoke test checks the code path, and XLA's compile would
+        # take most of its time)
+        model, keras_ds = keras_unet(setup, steps_per_execution=32, jit_compile=False if args.tiny else "auto")
         # and the same in-memory crops: segtrain's loop reads them through its distributed iterator
         images, masks = in_memory_batches(setup.prepared.train_pairs, setup.spec, 8)
         crops = tf.data.Dataset.from_tensor_slices((images, masks)).batch(8, drop_remainder=True).cache().repeat()

@@ -138,12 +138,14 @@ def stopped_at_step(where, steps_per_epoch):
 
 
 class Interruption:
-    """A `segtrain fit` subprocess that receives `sig` as soon as its first checkpoint exists (watched by a thread)."""
+    """A `segtrain fit` subprocess that receives `sig` once `due(run)` holds (by default: its first checkpoint
+    exists), watched by a thread. `launch` replaces `-m segtrain` (e.g. `-c CODE` that patches fit first)."""
 
-    def __init__(self, config, run, sig, timeout=240):
+    def __init__(self, config, run, sig, timeout=240, launch=("-m", "segtrain"), due=None):
         self.run, self.sig, self.timeout = run, sig, timeout
+        self.due = due or has_a_checkpoint
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "segtrain", "fit", str(config), "--out", str(run)],
+            [sys.executable, *launch, "fit", str(config), "--out", str(run)],
             cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
@@ -153,10 +155,9 @@ class Interruption:
         self.thread.start()
 
     def _watch(self):
-        state = self.run / "checkpoints" / "checkpoint"  # TF writes it last, atomically
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
-            if state.is_file() and "ckpt-" in state.read_text():
+            if self.due(self.run):
                 self.proc.send_signal(self.sig)
                 self.signalled = True
                 break
@@ -167,8 +168,14 @@ class Interruption:
 
     def finish(self):
         self.thread.join(self.timeout)
-        assert self.signalled, f"fit ended before its first checkpoint:\n{self.output[-3000:]}"
+        assert self.signalled, f"fit ended before the signal was due:\n{self.output[-3000:]}"
         return self
+
+
+def has_a_checkpoint(run) -> bool:
+    """The run has written its first checkpoint (TF writes the `checkpoint` state file last, atomically)."""
+    state = run / "checkpoints" / "checkpoint"
+    return state.is_file() and "ckpt-" in state.read_text()
 
 
 # ---------------------------------------------------------------------------- encoders

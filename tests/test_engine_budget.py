@@ -7,12 +7,7 @@ read advances one second), so their plan is the same on any machine and is check
 import itertools
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +17,7 @@ from segtrain.config import config_from_dict
 from segtrain.engine import budget
 from segtrain.engine.budget import format_duration, parse_duration, plan_budget
 from segtrain.errors import ConfigError
-from tests.helpers import REPO, history, invoke, make_stripes_dataset, weights_of, write_config
+from tests.helpers import Interruption, history, invoke, make_stripes_dataset, weights_of, write_config
 
 # ---------------------------------------------------------------------------- durations
 
@@ -333,35 +328,10 @@ def budget_config(base, root):
     )
 
 
-class Killed:
-    """`segtrain fit` in a subprocess measuring on the fake clock, killed (SIGKILL) once it has a checkpoint
-    after the one written at the plan (global step FAKE_PLAN's measured_steps)."""
-
-    def __init__(self, config, run, timeout=240):
-        self.run, self.timeout, self.signalled, self.output = run, timeout, False, ""
-        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "fit", str(config), "--out", str(run)],
-                                     cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-
-    def _watch(self):
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            latest = tf.train.latest_checkpoint(str(self.run / "checkpoints"))
-            if latest and int(latest.rsplit("-", 1)[1]) > FAKE_PLAN["measured_steps"]:
-                self.proc.send_signal(signal.SIGKILL)
-                self.signalled = True
-                break
-            time.sleep(0.02)
-        else:
-            self.proc.kill()
-        self.output = self.proc.communicate(timeout=self.timeout)[0]
-
-    def finish(self):
-        self.thread.join(self.timeout)
-        assert self.signalled, f"fit ended before a checkpoint after the plan:\n{self.output[-3000:]}"
-        return self
+def after_the_plan(run) -> bool:
+    """A checkpoint after the one written at the plan (global step FAKE_PLAN's measured_steps) exists."""
+    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
+    return bool(latest) and int(latest.rsplit("-", 1)[1]) > FAKE_PLAN["measured_steps"]
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +341,7 @@ def budgeted(tmp_path_factory):
     base = tmp_path_factory.mktemp("budget")
     root = make_stripes_dataset(base / "data", n_train=8, n_val=3)
     config = budget_config(base, root)
-    killed = Killed(config, base / "killed")
+    killed = Interruption(config, base / "killed", signal.SIGKILL, launch=("-c", LAUNCH), due=after_the_plan)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(budget, "clock", fake_clock())
         patch.setattr(budget, "REPLAN_SHARE", math.inf)
