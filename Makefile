@@ -24,7 +24,7 @@ fit: $(STAMP)
 	$(BIN)/segtrain fit configs/roads.yaml
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
 data-samples: $(STAMP)
 	$(BIN)/python scripts/make_data_samples.py
