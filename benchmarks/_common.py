@@ -390,6 +390,14 @@ def pinned_metrics(child, run_dir: Path, what: str) -> dict:
     return json.loads((run_dir.parent / f"{run_dir.name}.json").read_text())
 
 
+def fit_side_by_side(script: str, runs, budget: str) -> list[dict]:
+    """Budgeted fits of `runs`, (what, config_path, run_dir, overrides) each, all at once, the i-th pinned to core i
+    (children of `script`); their metrics, in order."""
+    children = [start_pinned(script, config_path, budget, run_dir, overrides, core)
+                for core, (_, config_path, run_dir, overrides) in enumerate(runs)]
+    return [pinned_metrics(child, run_dir, what) for (what, _, run_dir, _), child in zip(runs, children)]
+
+
 def evaluate_model_file(model_path: Path, split: str = "val") -> dict:
     """`segtrain eval MODEL.keras --split val`, in process."""
     from segtrain.evaluation import evaluate_checkpoint

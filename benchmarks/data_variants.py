@@ -33,9 +33,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (REPO, add_pinned_arguments, budgeted_fit, evaluate_model_file, load_average,  # noqa: E402
-                     machine_line, output_folder, pinned_metrics, run_pinned_child, set_budget, start_pinned,
-                     timed_run_fit, write_tiny_config)
+from _common import (REPO, add_pinned_arguments, budgeted_fit, evaluate_model_file, fit_side_by_side,  # noqa: E402
+                     load_average, machine_line, output_folder, run_pinned_child, set_budget, timed_run_fit,
+                     write_tiny_config)
 
 AUGMENT = ["data.augment.rotate=30", "data.augment.scale=[0.8, 1.25]", "data.augment.brightness=0.1",
            "data.augment.contrast=0.2"]
@@ -88,10 +88,9 @@ def fit_budgets(jobs: list[tuple[str, list[str]]], config_path: Path, budget: st
         return results
     for pair in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
         print(f"{name}: {' and '.join(v for v, _ in pair)} side by side, one core each [{load_average()}]", flush=True)
-        children = [start_pinned(__file__, config_path, budget, out / f"{name}_{variant}", overrides, core)
-                    for core, (variant, overrides) in enumerate(pair)]
-        for (variant, _), child in zip(pair, children):
-            metrics = pinned_metrics(child, out / f"{name}_{variant}", f"{variant} on {name}")
+        runs = [(f"{variant} on {name}", config_path, out / f"{name}_{variant}", overrides)
+                for variant, overrides in pair]
+        for (variant, _), metrics in zip(pair, fit_side_by_side(__file__, runs, budget)):
             results[variant] = (metrics, metrics["planned_steps"], metrics["train_minutes"])
     return results
 

@@ -25,8 +25,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (REPO, SHARED_DATASETS, add_pinned_arguments, budgeted_fit, fmt, load_average,  # noqa: E402
-                     machine_line, output_folder, pinned_metrics, run_pinned_child, start_pinned, write_dataset)
+from _common import (REPO, SHARED_DATASETS, add_pinned_arguments, budgeted_fit, fit_side_by_side,  # noqa: E402
+                     fmt, load_average, machine_line, output_folder, run_pinned_child, write_dataset)
 
 
 def plan_config(root: Path, budget: str, out: Path) -> Path:
@@ -78,11 +78,9 @@ def main() -> None:
             configs = (("plan", planned), ("hand", hand))
             if args.side_by_side:
                 print(f"{name}: plan and hand side by side, one core each [{load_average()}]", flush=True)
-                children = [start_pinned(__file__, config, budget, out / f"run_{name}_{label}",
-                                         extra if label == "hand" else (), core)
-                            for core, (label, config) in enumerate(configs)]
-                for (label, config), child in zip(configs, children):
-                    metrics = pinned_metrics(child, out / f"run_{name}_{label}", f"{label} fit on {name}")
+                runs = [(f"{label} fit on {name}", config, out / f"run_{name}_{label}",
+                         extra if label == "hand" else ()) for label, config in configs]
+                for (label, config), metrics in zip(configs, fit_side_by_side(__file__, runs, budget)):
                     lines.append(row(name, f"{label} ({config.name})", metrics))
                     print(lines[-1], f"[{load_average()}]", flush=True)
                 continue
